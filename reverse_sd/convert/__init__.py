@@ -1,0 +1,1 @@
+"""Checkpoint converters: table-driven key maps, every key accounted for."""

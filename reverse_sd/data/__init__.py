@@ -1,0 +1,1 @@
+"""Data: TFDS builders, the input pipeline and the regression targets."""

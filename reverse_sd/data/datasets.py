@@ -1,0 +1,79 @@
+"""Opens the configured data set: builds it if needed, attaches the targets."""
+
+from collections.abc import Sequence
+import os
+import pathlib
+
+import ml_collections
+
+from reverse_sd.data import pipeline
+from reverse_sd.data import targets as targets_lib
+
+DATA_DIR_ENV = 'REVERSE_SD_DATA_DIR'
+
+
+def default_data_dir() -> pathlib.Path:
+  """$REVERSE_SD_DATA_DIR, else ~/.cache/reverse_sd/data."""
+  env = os.environ.get(DATA_DIR_ENV)
+  if env:
+    return pathlib.Path(env)
+  return pathlib.Path.home() / '.cache' / 'reverse_sd' / 'data'
+
+
+def resolve_data_dir(data_config: ml_collections.ConfigDict) -> pathlib.Path:
+  """The data folder of the config; it may not exist yet (it is built)."""
+  path = (pathlib.Path(data_config.data_dir).expanduser()
+          if data_config.data_dir else default_data_dir())
+  if path.exists() and not path.is_dir():
+    raise ValueError(f'config.data.data_dir={str(path)!r} is a file, not a '
+                     'folder.')
+  return path
+
+
+def open_builder(data_config: ml_collections.ConfigDict):
+  """Returns a prepared TFDS builder for `data_config.name`."""
+  data_dir = resolve_data_dir(data_config)
+  if data_config.name == 'synthetic':
+    # Imported here: TFDS builders register on import, and only this path
+    # needs this one.
+    from reverse_sd.data import synthetic  # pylint: disable=g-import-not-at-top
+    return synthetic.build(
+        data_dir, seed=data_config.seed, image_size=data_config.image_size,
+        num_train=data_config.num_train,
+        num_validation=data_config.num_validation,
+        num_test=data_config.num_test,
+        num_test_shifted=data_config.num_test_shifted)
+  raise ValueError(f'config.data.name={data_config.name!r}; expected one of '
+                   "['synthetic'].")
+
+
+def _make_encoder(text_config: ml_collections.ConfigDict):
+  from reverse_sd.text import minilm  # pylint: disable=g-import-not-at-top
+  return minilm.SentenceEncoder(text_config.model_dir or None,
+                                batch_size=text_config.batch_size)
+
+
+def load_splits(config: ml_collections.ConfigDict,
+                splits: Sequence[str]) -> dict[str, pipeline.SplitData]:
+  """Opens `splits` (building the data set and targets on first use)."""
+  builder = open_builder(config.data)
+  known = set(builder.info.splits.keys())
+  missing = [s for s in splits if s not in known]
+  if missing:
+    raise ValueError(f'Split(s) {missing} are not in data set '
+                     f'{builder.info.full_name} at {builder.data_dir}; it has '
+                     f'{sorted(known)}.')
+  encoder = []  # Made on first use, shared by all splits of this load.
+
+  def encoder_factory():
+    if not encoder:
+      encoder.append(_make_encoder(config.text))
+    return encoder[0]
+
+  out = {}
+  for split in splits:
+    table = targets_lib.load_or_compute(builder, split,
+                                        encoder_factory=encoder_factory)
+    source = builder.as_data_source(split)
+    out[split] = pipeline.SplitData(split, source, table)
+  return out

@@ -1,0 +1,138 @@
+"""Evaluation: model predictions per split, and the reference scores.
+
+For each split: `cosine` (the model's mean cosine to the true embedding),
+`baseline_cosine` (predicting the mean training embedding) and, when the data
+set carries ground-truth attributes, `oracle_cosine` (ridge regression from
+the multi-hot rendered attributes to the embedding, fitted on train with the
+ridge strength chosen on validation: perfect perception, linear read-out).
+"""
+
+from collections.abc import Callable, Sequence
+import logging
+import time
+from typing import Any
+
+import jax
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh
+import numpy as np
+
+from reverse_sd import sharding
+from reverse_sd.data import pipeline
+
+
+def make_predict_step(model, mesh: Mesh, params_shardings: Any) -> Callable:
+  """Jitted params, uint8 images -> unit-norm embeddings, sharded by batch."""
+  batch_sharding = sharding.batch_sharding(mesh)
+
+  def predict(params, images):
+    return model.apply({'params': params}, images)['embedding']
+
+  return jax.jit(predict, in_shardings=(params_shardings, batch_sharding),
+                 out_shardings=batch_sharding)
+
+
+def predict_split(predict_step: Callable, params: Any,
+                  split: pipeline.SplitData, *, mesh: Mesh,
+                  global_batch_size: int) -> np.ndarray:
+  """Predicted embeddings [N, D] of a split, in data-source order."""
+  sharding.check_batch_divisible(global_batch_size, mesh)
+  image_shape = tuple(split.load(np.array([0]))['image'].shape[1:])
+  preds = np.zeros((len(split), split.table.embeddings.shape[1]), np.float32)
+  for batch in pipeline.eval_batches(
+      split, global_batch_size=global_batch_size,
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      image_shape=image_shape):
+    images = sharding.host_to_global({'image': batch['image']}, mesh)['image']
+    index = sharding.host_to_global({'index': batch['index']}, mesh)['index']
+    out = multihost_utils.process_allgather(predict_step(params, images),
+                                            tiled=True)
+    index = multihost_utils.process_allgather(index, tiled=True)
+    valid = index >= 0
+    preds[index[valid]] = out[valid]
+  return preds
+
+
+def mean_cosine(pred_NxD: np.ndarray, target_NxD: np.ndarray) -> float:
+  """Mean row-wise cosine similarity (float64 accumulation)."""
+  pred = pred_NxD.astype(np.float64)
+  target = target_NxD.astype(np.float64)
+  dot = np.sum(pred * target, axis=1)
+  norms = np.linalg.norm(pred, axis=1) * np.linalg.norm(target, axis=1)
+  return float(np.mean(dot / np.maximum(norms, 1e-12)))
+
+
+def fit_ridge(x_NxA: np.ndarray, y_NxD: np.ndarray, alpha: float) -> np.ndarray:
+  """Closed-form ridge with an unpenalised bias column; returns [A+1, D]."""
+  x = np.concatenate([x_NxA.astype(np.float64),
+                      np.ones((len(x_NxA), 1))], axis=1)
+  penalty = alpha * np.eye(x.shape[1])
+  penalty[-1, -1] = 0.0
+  return np.linalg.solve(x.T @ x + penalty, x.T @ y_NxD.astype(np.float64))
+
+
+def apply_ridge(weights: np.ndarray, x_NxA: np.ndarray) -> np.ndarray:
+  return x_NxA.astype(np.float64) @ weights[:-1] + weights[-1]
+
+
+def fit_oracle(train: pipeline.SplitData, validation: pipeline.SplitData,
+               alphas: Sequence[float]) -> tuple[np.ndarray, float]:
+  """Ridge from attributes to embeddings; alpha chosen by validation cosine."""
+  best = None
+  for alpha in alphas:
+    weights = fit_ridge(train.table.attributes, train.table.embeddings, alpha)
+    score = mean_cosine(apply_ridge(weights, validation.table.attributes),
+                        validation.table.embeddings)
+    if best is None or score > best[2]:
+      best = (weights, alpha, score)
+  return best[0], best[1]
+
+
+def reference_scores(splits: dict[str, pipeline.SplitData],
+                     eval_splits: Sequence[str],
+                     oracle_alphas: Sequence[float]) -> dict[str, dict]:
+  """baseline_cosine (and oracle_cosine, with attributes) per eval split."""
+  train = splits['train']
+  mean_embedding = train.table.embeddings.mean(axis=0, keepdims=True)
+  has_attributes = all(s.table.attributes is not None
+                       for s in splits.values())
+  oracle = None
+  if has_attributes and 'validation' in splits:
+    oracle = fit_oracle(train, splits['validation'], oracle_alphas)
+  out = {}
+  for name in eval_splits:
+    target = splits[name].table.embeddings
+    scores = {'baseline_cosine': mean_cosine(
+        np.broadcast_to(mean_embedding, target.shape), target)}
+    if oracle is not None:
+      weights, alpha = oracle
+      scores['oracle_cosine'] = mean_cosine(
+          apply_ridge(weights, splits[name].table.attributes), target)
+      scores['oracle_alpha'] = alpha
+    out[name] = scores
+  return out
+
+
+def evaluate_model(predict_step: Callable, params: Any,
+                   splits: dict[str, pipeline.SplitData],
+                   eval_splits: Sequence[str], *, mesh: Mesh,
+                   global_batch_size: int) -> dict[str, dict]:
+  """`cosine` and `num_examples` of the model on each split."""
+  out = {}
+  for name in eval_splits:
+    start = time.time()
+    preds = predict_split(predict_step, params, splits[name], mesh=mesh,
+                          global_batch_size=global_batch_size)
+    out[name] = {'cosine': mean_cosine(preds, splits[name].table.embeddings),
+                 'num_examples': len(splits[name])}
+    logging.info('Evaluated %s: cosine %.4f (%d examples, %.1f s)', name,
+                 out[name]['cosine'], len(splits[name]), time.time() - start)
+  return out
+
+
+def gap_closed(scores: dict[str, float]) -> float | None:
+  """Share of the baseline-to-oracle gap that the model closes."""
+  if 'oracle_cosine' not in scores:
+    return None
+  gap = scores['oracle_cosine'] - scores['baseline_cosine']
+  return (scores['cosine'] - scores['baseline_cosine']) / gap if gap else None

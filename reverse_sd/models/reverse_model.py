@@ -1,0 +1,58 @@
+"""The black-box reverse model: image backbone + head to the prompt embedding."""
+
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+import ml_collections
+
+from reverse_sd.models import convnet
+from reverse_sd.models import heads
+from reverse_sd.models import resnet
+from reverse_sd.models import vit
+
+BACKBONES = {
+    'clip_resnet': (resnet.ResNet, resnet.VARIANTS),
+    'convnet': (convnet.ConvNet, convnet.VARIANTS),
+    'vit': (vit.VisionTransformer, vit.VARIANTS),
+}
+
+
+class ReverseModel(nn.Module):
+  """uint8 images [B,H,W,3] -> dict(embedding [B,384] unit norm, features)."""
+  backbone: nn.Module
+  head: nn.Module
+  image_mean: Sequence[float]
+  image_std: Sequence[float]
+  dtype: jnp.dtype = jnp.float32
+
+  def __call__(self, images_BxHxWx3):
+    mean = jnp.asarray(self.image_mean, jnp.float32) * 255.0
+    std = jnp.asarray(self.image_std, jnp.float32) * 255.0
+    x = (images_BxHxWx3.astype(jnp.float32) - mean) / std
+    features = self.backbone(x.astype(self.dtype))
+    return {'embedding': self.head(features), 'features': features}
+
+
+def create_model(model_config: ml_collections.ConfigDict,
+                 embedding_dim: int = 384) -> ReverseModel:
+  """Builds the model named by `config.model` with clear errors on typos."""
+  if model_config.backbone not in BACKBONES:
+    raise ValueError(f'config.model.backbone={model_config.backbone!r}; '
+                     f'expected one of {sorted(BACKBONES)}.')
+  module_cls, variants = BACKBONES[model_config.backbone]
+  if model_config.variant not in variants:
+    raise ValueError(f'config.model.variant={model_config.variant!r} is not a '
+                     f'{model_config.backbone} variant; expected one of '
+                     f'{sorted(variants)}.')
+  try:
+    dtype = jnp.dtype(model_config.dtype)
+  except TypeError as e:
+    raise ValueError(f'config.model.dtype={model_config.dtype!r} is not a '
+                     'dtype name (e.g. float32, bfloat16).') from e
+  backbone = module_cls(variants[model_config.variant], dtype=dtype,
+                        name='backbone')
+  head = heads.EmbeddingHead(embedding_dim, tuple(model_config.head_hidden),
+                             dtype=dtype, name='head')
+  return ReverseModel(backbone, head, tuple(model_config.image_mean),
+                      tuple(model_config.image_std), dtype=dtype)

@@ -1,0 +1,1 @@
+"""Text side: the MiniLM target encoder."""

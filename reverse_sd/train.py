@@ -1,0 +1,267 @@
+"""Training and evaluation loop: `train_and_evaluate(config, workdir)`."""
+
+import dataclasses
+import json
+import logging
+import math
+import pathlib
+import time
+from collections.abc import Callable
+from typing import Any
+
+from clu import metric_writers
+from clu import periodic_actions
+import jax
+import ml_collections
+import numpy as np
+import optax
+
+from reverse_sd import checkpointing
+from reverse_sd import evaluate
+from reverse_sd import losses
+from reverse_sd import metrics as metrics_lib
+from reverse_sd import optim
+from reverse_sd import sharding
+from reverse_sd import state as state_lib
+from reverse_sd.data import datasets
+from reverse_sd.data import pipeline
+from reverse_sd.models import reverse_model
+
+
+def make_train_step(model, loss_config: ml_collections.ConfigDict,
+                    schedule: optax.Schedule, mesh, state_shardings) -> Callable:
+  """One jitted, state-donating step: (state, batch) -> (state, metrics)."""
+
+  def train_step(state, batch):
+    def loss_fn(params):
+      out = model.apply({'params': params}, batch['image'])
+      terms = losses.embedding_losses(out['embedding'], batch['embedding'],
+                                      loss_config)
+      return terms['loss'].mean(), terms
+
+    (_, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params)
+    metrics = metrics_lib.TrainMetrics.single_from_model_output(
+        **terms, learning_rate=schedule(state.step),
+        grad_norm=optax.global_norm(grads))
+    return state.apply_gradients(grads=grads), metrics
+
+  return jax.jit(train_step,
+                 in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
+                 out_shardings=(state_shardings, sharding.replicated(mesh)),
+                 donate_argnums=0)
+
+
+def total_train_steps(config: ml_collections.ConfigDict,
+                      num_train_examples: int) -> int:
+  """config.train.num_steps if > 0, else num_epochs over the train split."""
+  if config.train.num_steps > 0:
+    return int(config.train.num_steps)
+  if config.train.num_epochs <= 0:
+    raise ValueError('Set config.train.num_steps > 0 or '
+                     'config.train.num_epochs > 0.')
+  return max(1, math.ceil(config.train.num_epochs * num_train_examples /
+                          config.train.batch_size))
+
+
+@dataclasses.dataclass
+class _Run:
+  """What the loop needs, built once by `_setup`."""
+  model: Any
+  mesh: Any
+  state: Any
+  state_shardings: Any
+  train_step: Callable
+  predict_step: Callable
+  manager: Any
+  stream: pipeline.TrainStream
+  examples_seen: int
+  total_steps: int
+
+
+def _data_position(config, examples_seen: int, num_train: int) -> dict:
+  return {'examples_seen': int(examples_seen),
+          'shuffle_seed': int(config.data.shuffle_seed),
+          'num_train_examples': int(num_train)}
+
+
+def _check_data_position(position: dict, expected: dict, where: str) -> None:
+  for key in ('shuffle_seed', 'num_train_examples'):
+    if position.get(key) != expected[key]:
+      raise ValueError(
+          f'The checkpoint in {where} was written with {key}='
+          f'{position.get(key)}, but this run has {key}={expected[key]}; '
+          'it would not continue the same data stream. Use a fresh --workdir.')
+
+
+def _setup(config, workdir: pathlib.Path, splits) -> _Run:
+  """Mesh, model, optimiser, state (restored if a checkpoint exists)."""
+  mesh = sharding.make_mesh(config.mesh.axes, config.mesh.shape)
+  sharding.check_batch_divisible(config.train.batch_size, mesh)
+  train = splits['train']
+  total_steps = total_train_steps(config, len(train))
+  model = reverse_model.create_model(config.model)
+  tx, schedule = optim.create_optimizer(config.optim, total_steps)
+  image_shape = tuple(train.load(np.array([0]))['image'].shape[1:])
+  rng = jax.random.key(config.seed)
+  abstract = state_lib.abstract_train_state(model, tx, image_shape, rng)
+  state_shardings = sharding.tree_shardings(mesh, abstract,
+                                            config.mesh.param_rules)
+  manager = checkpointing.create_manager(
+      workdir, max_to_keep=config.train.keep_checkpoints)
+  expected_position = _data_position(config, 0, len(train))
+  latest = manager.latest_step()
+  if latest is not None:
+    state, position = checkpointing.restore(manager, latest, abstract,
+                                            state_shardings)
+    _check_data_position(position, expected_position, str(workdir))
+    examples_seen = position['examples_seen']
+  else:
+    state, _ = state_lib.create_train_state(model, tx, image_shape, rng, mesh,
+                                            config.mesh.param_rules)
+    examples_seen = 0
+  stream = pipeline.TrainStream(
+      train, global_batch_size=config.train.batch_size,
+      shuffle_seed=config.data.shuffle_seed,
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      num_threads=config.data.num_read_threads,
+      prefetch=config.data.prefetch_batches)
+  return _Run(
+      model=model, mesh=mesh, state=state, state_shardings=state_shardings,
+      train_step=make_train_step(model, config.loss, schedule, mesh,
+                                 state_shardings),
+      predict_step=evaluate.make_predict_step(model, mesh,
+                                              state_shardings.params),
+      manager=manager, stream=stream, examples_seen=examples_seen,
+      total_steps=total_steps)
+
+
+def _train_loop(config, run: _Run, splits, writer) -> None:
+  """Runs steps up to run.total_steps, with logging, eval and checkpoints."""
+  step = checkpointing.step_of(run.state)
+  if step >= run.total_steps:
+    logging.info('Already trained: step %d of %d.', step, run.total_steps)
+    return
+  logging.info('Training from step %d to %d (global batch %d, %d devices).',
+               step, run.total_steps, config.train.batch_size,
+               jax.device_count())
+  report = periodic_actions.ReportProgress(num_train_steps=run.total_steps,
+                                           writer=writer, every_secs=30.0)
+  batches = run.stream.iterate(run.examples_seen)
+  accumulated = None
+  num_train = len(splits['train'])
+  try:
+    while step < run.total_steps:
+      batch = next(batches)
+      global_batch = sharding.host_to_global(
+          {'image': batch['image'], 'embedding': batch['embedding']}, run.mesh)
+      run.state, step_metrics = run.train_step(run.state, global_batch)
+      step += 1
+      run.examples_seen += config.train.batch_size
+      accumulated = (step_metrics if accumulated is None
+                     else accumulated.merge(step_metrics))
+      report(step)
+      if step % config.train.log_every_steps == 0 or step == run.total_steps:
+        summary = {f'train/{k}': v for k, v in accumulated.compute().items()}
+        writer.write_scalars(step, summary)
+        accumulated = None
+      if step % config.train.eval_every_steps == 0 and step < run.total_steps:
+        scores = evaluate.evaluate_model(
+            run.predict_step, run.state.params, splits,
+            config.eval.periodic_splits, mesh=run.mesh,
+            global_batch_size=config.eval.batch_size)
+        writer.write_scalars(step, {f'{s}/cosine': v['cosine']
+                                    for s, v in scores.items()})
+      if (step % config.train.checkpoint_every_steps == 0 or
+          step == run.total_steps):
+        checkpointing.save(run.manager, step, run.state,
+                           _data_position(config, run.examples_seen, num_train))
+  finally:
+    # An error in a step still lets an in-flight async save finish, so the
+    # rerun resumes from it.
+    run.manager.wait_until_finished()
+
+
+def _write_results(workdir: pathlib.Path, results: dict) -> None:
+  """Writes results.json atomically (process 0 only)."""
+  if jax.process_index() != 0:
+    return
+  tmp = workdir / 'results.json.tmp'
+  tmp.write_text(json.dumps(results, indent=2, sort_keys=True) + '\n')
+  tmp.replace(workdir / 'results.json')
+
+
+def format_results_table(results: dict) -> str:
+  """A plain-text table of the per-split scores."""
+  header = (f'{"split":<14}{"n":>7}{"cosine":>9}{"baseline":>10}'
+            f'{"oracle":>9}{"gap closed":>12}')
+  lines = [header, '-' * len(header)]
+  for name, s in results['splits'].items():
+    oracle = s.get('oracle_cosine')
+    gap = s.get('gap_closed')
+    lines.append(
+        f'{name:<14}{s["num_examples"]:>7}{s["cosine"]:>9.4f}'
+        f'{s["baseline_cosine"]:>10.4f}'
+        f'{(f"{oracle:.4f}" if oracle is not None else "-"):>9}'
+        f'{(f"{100 * gap:.1f}%" if gap is not None else "-"):>12}')
+  return '\n'.join(lines)
+
+
+def _save_config(config: ml_collections.ConfigDict,
+                 workdir: pathlib.Path) -> None:
+  if jax.process_index() == 0:
+    (workdir / 'config.json').write_text(config.to_json_best_effort(
+        indent=2, sort_keys=True) + '\n')
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict,
+                       workdir: str | pathlib.Path) -> dict:
+  """Trains the configured model in `workdir` and writes results.json.
+
+  Reruns in the same workdir resume from the latest checkpoint.
+
+  Returns:
+    The results dict that was written to `workdir/results.json`.
+  """
+  workdir = pathlib.Path(workdir).resolve()  # Orbax needs absolute paths.
+  workdir.mkdir(parents=True, exist_ok=True)
+  _save_config(config, workdir)
+  writer = metric_writers.create_default_writer(
+      workdir, just_logging=jax.process_index() > 0)
+  timings = {}
+
+  start = time.time()
+  eval_splits = tuple(config.eval.splits)
+  needed = dict.fromkeys(('train', 'validation', *eval_splits))
+  splits = datasets.load_splits(config, list(needed))
+  timings['data_s'] = time.time() - start
+
+  start = time.time()
+  run = _setup(config, workdir, splits)
+  _train_loop(config, run, splits, writer)
+  timings['train_s'] = time.time() - start
+
+  start = time.time()
+  scores = evaluate.evaluate_model(
+      run.predict_step, run.state.params, splits, eval_splits, mesh=run.mesh,
+      global_batch_size=config.eval.batch_size)
+  references = evaluate.reference_scores(splits, eval_splits,
+                                         config.eval.oracle_alphas)
+  for name in eval_splits:
+    scores[name].update(references[name])
+    scores[name]['gap_closed'] = evaluate.gap_closed(scores[name])
+  timings['eval_s'] = time.time() - start
+
+  results = {'splits': scores,
+             'meta': {'step': checkpointing.step_of(run.state),
+                      'total_steps': run.total_steps,
+                      'global_batch_size': config.train.batch_size,
+                      'num_devices': jax.device_count(),
+                      'num_processes': jax.process_count(),
+                      'timings_s': timings}}
+  writer.write_scalars(results['meta']['step'], {
+      f'final/{s}/cosine': v['cosine'] for s, v in scores.items()})
+  writer.flush()
+  _write_results(workdir, results)
+  run.manager.close()
+  return results
