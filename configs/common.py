@@ -44,6 +44,15 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.model.image_mean = (0.48145466, 0.4578275, 0.40821073)  # CLIP.
   config.model.image_std = (0.26862954, 0.26130258, 0.27577711)
 
+  # Vocabulary head (the paper's multi-label word classifier): a Dense layer
+  # from the predicted embedding (or the backbone features) to the top-`size`
+  # content words of the training prompts, trained with binary cross-entropy
+  # weighted by `loss_weight` (the paper uses 0.1). 0 turns the head off.
+  config.vocab = ml_collections.ConfigDict()
+  config.vocab.size = 1000
+  config.vocab.loss_weight = 0.0
+  config.vocab.head_input = 'embedding'  # 'embedding' or 'features'.
+
   # Loss: cosine-embedding + Huber on the predicted embedding.
   config.loss = ml_collections.ConfigDict()
   config.loss.cosine_weight = 1.0

@@ -18,6 +18,7 @@ from jax.sharding import Mesh
 import numpy as np
 
 from reverse_sd import sharding
+from reverse_sd import vocab_metrics
 from reverse_sd.data import pipeline
 
 
@@ -26,7 +27,8 @@ def make_predict_step(model, mesh: Mesh, params_shardings: Any) -> Callable:
   batch_sharding = sharding.batch_sharding(mesh)
 
   def predict(params, images):
-    return model.apply({'params': params}, images)['embedding']
+    out = model.apply({'params': params}, images)
+    return {k: out[k] for k in ('embedding', 'word_logits') if k in out}
 
   return jax.jit(predict, in_shardings=(params_shardings, batch_sharding),
                  out_shardings=batch_sharding)
@@ -34,11 +36,12 @@ def make_predict_step(model, mesh: Mesh, params_shardings: Any) -> Callable:
 
 def predict_split(predict_step: Callable, params: Any,
                   split: pipeline.SplitData, *, mesh: Mesh,
-                  global_batch_size: int) -> np.ndarray:
-  """Predicted embeddings [N, D] of a split, in data-source order."""
+                  global_batch_size: int) -> dict[str, np.ndarray]:
+  """Model outputs of a split in data-source order: 'embedding' [N, D] and,
+  with a vocabulary head, 'word_logits' [N, V]."""
   sharding.check_batch_divisible(global_batch_size, mesh)
   image_shape = tuple(split.load(np.array([0]))['image'].shape[1:])
-  preds = np.zeros((len(split), split.table.embeddings.shape[1]), np.float32)
+  preds = {}
   for batch in pipeline.eval_batches(
       split, global_batch_size=global_batch_size,
       process_index=jax.process_index(), process_count=jax.process_count(),
@@ -49,7 +52,10 @@ def predict_split(predict_step: Callable, params: Any,
                                             tiled=True)
     index = multihost_utils.process_allgather(index, tiled=True)
     valid = index >= 0
-    preds[index[valid]] = out[valid]
+    for key, value in out.items():
+      if key not in preds:
+        preds[key] = np.zeros((len(split), *value.shape[1:]), np.float32)
+      preds[key][index[valid]] = value[valid]
   return preds
 
 
@@ -117,17 +123,44 @@ def evaluate_model(predict_step: Callable, params: Any,
                    splits: dict[str, pipeline.SplitData],
                    eval_splits: Sequence[str], *, mesh: Mesh,
                    global_batch_size: int) -> dict[str, dict]:
-  """`cosine` and `num_examples` of the model on each split."""
+  """`cosine`, prompt retrieval `recall@k` and `num_examples` per split."""
   out = {}
   for name in eval_splits:
     start = time.time()
-    preds = predict_split(predict_step, params, splits[name], mesh=mesh,
-                          global_batch_size=global_batch_size)
-    out[name] = {'cosine': mean_cosine(preds, splits[name].table.embeddings),
+    outputs = predict_split(predict_step, params, splits[name], mesh=mesh,
+                            global_batch_size=global_batch_size)
+    preds, targets = outputs['embedding'], splits[name].table.embeddings
+    out[name] = {'cosine': mean_cosine(preds, targets),
                  'num_examples': len(splits[name])}
+    # Retrieval: rank all of the split's prompts by cosine to the prediction.
+    recall = vocab_metrics.retrieval_recall_at_k(
+        preds, targets, np.arange(len(targets)), ks=(1, 5, 10))
+    out[name].update({f'recall@{k}': v for k, v in recall.items()})
+    if 'word_logits' in outputs and splits[name].labels is not None:
+      out[name].update(vocabulary_scores(outputs['word_logits'],
+                                         splits[name].labels,
+                                         splits['train'].labels))
     logging.info('Evaluated %s: cosine %.4f (%d examples, %.1f s)', name,
                  out[name]['cosine'], len(splits[name]), time.time() - start)
   return out
+
+
+def vocabulary_scores(word_logits_NxV: np.ndarray, labels_NxV: np.ndarray,
+                      train_labels_MxV: np.ndarray) -> dict[str, float]:
+  """Top-k word precision/recall/F1 and mAP of the vocabulary head, and the
+  F1@10 of predicting the most frequent training words for every image."""
+  scores = {}
+  for k in (5, 10):
+    topk = vocab_metrics.topk_precision_recall_f1(word_logits_NxV, labels_NxV,
+                                                  k)
+    scores.update({f'vocab_{name}@{k}': value for name, value in topk.items()})
+  scores['vocab_map'] = vocab_metrics.mean_average_precision(word_logits_NxV,
+                                                             labels_NxV)
+  baseline = vocab_metrics.most_frequent_words_baseline(train_labels_MxV,
+                                                        len(labels_NxV))
+  scores['vocab_f1@10_frequent_words'] = vocab_metrics.topk_precision_recall_f1(
+      baseline, labels_NxV, 10)['f1']
+  return scores
 
 
 def gap_closed(scores: dict[str, float]) -> float | None:

@@ -33,3 +33,10 @@ def embedding_losses(pred_BxD, target_BxD, loss_config: ml_collections.ConfigDic
           loss_config.huber_weight * huber)
   return {'loss': loss, 'cosine_loss': cosine_loss, 'huber_loss': huber,
           'cosine': cosine}
+
+
+def vocab_bce(word_logits_BxV, labels_BxV):
+  """Per-example binary cross-entropy of the vocabulary head, mean over V."""
+  return optax.sigmoid_binary_cross_entropy(
+      word_logits_BxV.astype(jnp.float32),
+      labels_BxV.astype(jnp.float32)).mean(axis=-1)

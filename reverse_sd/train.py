@@ -12,6 +12,7 @@ from typing import Any
 from clu import metric_writers
 from clu import periodic_actions
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
@@ -26,17 +27,29 @@ from reverse_sd import state as state_lib
 from reverse_sd.data import datasets
 from reverse_sd.data import pipeline
 from reverse_sd.models import reverse_model
+from reverse_sd.text import vocab as vocab_lib
 
 
 def make_train_step(model, loss_config: ml_collections.ConfigDict,
-                    schedule: optax.Schedule, mesh, state_shardings) -> Callable:
-  """One jitted, state-donating step: (state, batch) -> (state, metrics)."""
+                    schedule: optax.Schedule, mesh, state_shardings, *,
+                    vocab_loss_weight: float = 0.0) -> Callable:
+  """One jitted, state-donating step: (state, batch) -> (state, metrics).
+
+  The loss is cosine + Huber on the embedding, plus `vocab_loss_weight` x the
+  vocabulary head's BCE when the batch carries `labels`.
+  """
 
   def train_step(state, batch):
     def loss_fn(params):
       out = model.apply({'params': params}, batch['image'])
       terms = losses.embedding_losses(out['embedding'], batch['embedding'],
                                       loss_config)
+      if 'labels' in batch:
+        terms['vocab_bce'] = losses.vocab_bce(out['word_logits'],
+                                              batch['labels'])
+        terms['loss'] = terms['loss'] + vocab_loss_weight * terms['vocab_bce']
+      else:
+        terms['vocab_bce'] = jnp.zeros_like(terms['loss'])
       return terms['loss'].mean(), terms
 
     (_, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(
@@ -100,7 +113,9 @@ def _setup(config, workdir: pathlib.Path, splits) -> _Run:
   sharding.check_batch_divisible(config.train.batch_size, mesh)
   train = splits['train']
   total_steps = total_train_steps(config, len(train))
-  model = reverse_model.create_model(config.model)
+  vocab_size = (0 if train.labels is None else train.labels.shape[1])
+  model = reverse_model.create_model(config.model, vocab_size=vocab_size,
+                                     vocab_head_input=config.vocab.head_input)
   tx, schedule = optim.create_optimizer(config.optim, total_steps)
   image_shape = tuple(train.load(np.array([0]))['image'].shape[1:])
   rng = jax.random.key(config.seed)
@@ -128,8 +143,9 @@ def _setup(config, workdir: pathlib.Path, splits) -> _Run:
       prefetch=config.data.prefetch_batches)
   return _Run(
       model=model, mesh=mesh, state=state, state_shardings=state_shardings,
-      train_step=make_train_step(model, config.loss, schedule, mesh,
-                                 state_shardings),
+      train_step=make_train_step(
+          model, config.loss, schedule, mesh, state_shardings,
+          vocab_loss_weight=config.vocab.loss_weight),
       predict_step=evaluate.make_predict_step(model, mesh,
                                               state_shardings.params),
       manager=manager, stream=stream, examples_seen=examples_seen,
@@ -154,7 +170,8 @@ def _train_loop(config, run: _Run, splits, writer) -> None:
     while step < run.total_steps:
       batch = next(batches)
       global_batch = sharding.host_to_global(
-          {'image': batch['image'], 'embedding': batch['embedding']}, run.mesh)
+          {k: batch[k] for k in ('image', 'embedding', 'labels') if k in batch},
+          run.mesh)
       run.state, step_metrics = run.train_step(run.state, global_batch)
       step += 1
       run.examples_seen += config.train.batch_size
@@ -180,6 +197,33 @@ def _train_loop(config, run: _Run, splits, writer) -> None:
     # An error in a step still lets an in-flight async save finish, so the
     # rerun resumes from it.
     run.manager.wait_until_finished()
+
+
+def _attach_vocabulary(config, workdir: pathlib.Path,
+                       splits: dict[str, pipeline.SplitData]):
+  """Adds vocabulary multi-hot labels to every split when the head is on.
+
+  The vocabulary comes from the training prompts only and is saved as
+  `workdir/vocab.json`; a resumed run (or predict) reuses that file.
+  """
+  if config.vocab.loss_weight < 0:
+    raise ValueError('config.vocab.loss_weight must be >= 0; got '
+                     f'{config.vocab.loss_weight}.')
+  if config.vocab.loss_weight == 0:
+    return splits
+  path = workdir / 'vocab.json'
+  if path.exists():
+    vocabulary = vocab_lib.Vocabulary.load(path)
+  else:
+    vocabulary = vocab_lib.Vocabulary.build(
+        splits['train'].table.prompts.tolist(), size=config.vocab.size)
+    if jax.process_index() == 0:
+      vocabulary.save(path)
+  logging.info('Vocabulary head over %d words (%s ...).', len(vocabulary),
+               ', '.join(vocabulary.words[:8]))
+  return {name: dataclasses.replace(
+      split, labels=vocabulary.multi_hot(split.table.prompts.tolist()))
+          for name, split in splits.items()}
 
 
 def _write_results(workdir: pathlib.Path, results: dict) -> None:
@@ -234,6 +278,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   eval_splits = tuple(config.eval.splits)
   needed = dict.fromkeys(('train', 'validation', *eval_splits))
   splits = datasets.load_splits(config, list(needed))
+  splits = _attach_vocabulary(config, workdir, splits)
   timings['data_s'] = time.time() - start
 
   start = time.time()

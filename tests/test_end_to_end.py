@@ -56,6 +56,8 @@ def test_cli_tiny_run_writes_results(data_dir, tmp_path):
     for key in ('cosine', 'baseline_cosine', 'oracle_cosine'):
       assert -1.0 <= scores[key] <= 1.0, (split, key, scores[key])
     assert scores['num_examples'] == 64
+    assert 0.0 <= scores['recall@1'] <= scores['recall@5'] <= scores[
+        'recall@10'] <= 1.0
   assert results['meta']['step'] == 6
   # The oracle (true attributes, linear read-out) beats the mean embedding.
   assert (results['splits']['test']['oracle_cosine'] >
@@ -184,3 +186,16 @@ def test_corrupt_data_and_target_cache_are_named(data_dir, tmp_path):
     train.train_and_evaluate(config, tmp_path / 'run2')
   assert cache.exists()  # Nothing the user has is deleted.
   del builder
+
+
+def test_vocabulary_head_run_reports_word_metrics(data_dir, tmp_path):
+  config = _config(data_dir, num_steps=4)
+  with config.unlocked():
+    config.vocab.loss_weight = 0.1
+  results = train.train_and_evaluate(config, tmp_path / 'run')
+  scores = results['splits']['test']
+  for key in ('vocab_f1@5', 'vocab_f1@10', 'vocab_map',
+              'vocab_f1@10_frequent_words'):
+    assert 0.0 <= scores[key] <= 1.0, key
+  words = json.loads((tmp_path / 'run' / 'vocab.json').read_text())['words']
+  assert 'background' in words and 'the' not in words

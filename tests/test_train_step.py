@@ -82,3 +82,36 @@ def test_partition_rules_place_parameters():
                                       [(r'fc1/kernel$', (None, 'model'))])
   assert shardings['backbone']['fc1']['kernel'].spec == P(None, 'model')
   assert shardings['head']['bias'].spec == P()
+
+
+def _vocab_head_change(vocab_loss_weight):
+  """Largest change of the vocabulary head's kernel after one step."""
+  config = synthetic.get_config('tiny')
+  with config.unlocked():
+    config.optim.weight_decay = 0.0  # Only gradients may move parameters.
+  mesh = sharding.make_mesh(('data',), (-1,))
+  model = reverse_model.create_model(config.model, vocab_size=12)
+  tx, schedule = optim.create_optimizer(config.optim, total_steps=10)
+  state, shardings = state_lib.create_train_state(
+      model, tx, (32, 32, 3), jax.random.key(0), mesh)
+  before = np.asarray(state.params['vocab_head']['kernel'])
+  step = train.make_train_step(model, config.loss, schedule, mesh, shardings,
+                               vocab_loss_weight=vocab_loss_weight)
+  rng = np.random.default_rng(0)
+  batch = {'image': rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8),
+           'embedding': rng.normal(size=(16, 384)).astype(np.float32),
+           'labels': rng.integers(0, 2, (16, 12)).astype(np.uint8)}
+  state, metrics = step(state, sharding.host_to_global(batch, mesh))
+  # warm-up makes step 0's learning rate 0; take a second step.
+  state, metrics = step(state, sharding.host_to_global(batch, mesh))
+  after = np.asarray(state.params['vocab_head']['kernel'])
+  return float(np.abs(after - before).max()), metrics.compute()
+
+
+def test_vocabulary_bce_gradient_reaches_the_head():
+  change, metrics = _vocab_head_change(0.1)
+  assert change > 0.0
+  # BCE of random logits against random labels is near log(2).
+  assert 0.3 < float(metrics['vocab_bce']) < 1.5
+  unchanged, _ = _vocab_head_change(0.0)
+  assert unchanged == 0.0

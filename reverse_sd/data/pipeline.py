@@ -26,6 +26,7 @@ class SplitData:
   name: str
   source: object  # Supports len() and __getitems__(list[int]) -> list[dict].
   table: targets_lib.SplitTable
+  labels: np.ndarray | None = None  # [N, V] uint8 vocabulary multi-hot.
 
   def __post_init__(self):
     if len(self.source) != len(self.table):
@@ -41,9 +42,12 @@ class SplitData:
     """Images and targets of `indices` (all valid, non-negative)."""
     rows = self.source.__getitems__([int(i) for i in indices])
     images = np.stack([np.asarray(row['image'], np.uint8) for row in rows])
-    return {'image': images,
-            'embedding': self.table.embeddings[indices],
-            'index': indices.astype(np.int32)}
+    batch = {'image': images,
+             'embedding': self.table.embeddings[indices],
+             'index': indices.astype(np.int32)}
+    if self.labels is not None:
+      batch['labels'] = self.labels[indices]
+    return batch
 
 
 def process_rows(global_batch_size: int, process_index: int,

@@ -19,23 +19,39 @@ BACKBONES = {
 
 
 class ReverseModel(nn.Module):
-  """uint8 images [B,H,W,3] -> dict(embedding [B,384] unit norm, features)."""
+  """uint8 images [B,H,W,3] -> dict(embedding [B,384] unit norm, features).
+
+  With `vocab_size` > 0 the dict also has `word_logits` [B, vocab_size], from
+  a Dense layer on the predicted embedding (the paper's choice) or on the
+  backbone features (`vocab_head_input='features'`).
+  """
   backbone: nn.Module
   head: nn.Module
   image_mean: Sequence[float]
   image_std: Sequence[float]
   dtype: jnp.dtype = jnp.float32
+  vocab_size: int = 0
+  vocab_head_input: str = 'embedding'
 
+  @nn.compact
   def __call__(self, images_BxHxWx3):
     mean = jnp.asarray(self.image_mean, jnp.float32) * 255.0
     std = jnp.asarray(self.image_std, jnp.float32) * 255.0
     x = (images_BxHxWx3.astype(jnp.float32) - mean) / std
     features = self.backbone(x.astype(self.dtype))
-    return {'embedding': self.head(features), 'features': features}
+    out = {'embedding': self.head(features), 'features': features}
+    if self.vocab_size:
+      source = out['embedding' if self.vocab_head_input == 'embedding'
+                   else 'features']
+      out['word_logits'] = nn.Dense(self.vocab_size, dtype=jnp.float32,
+                                    name='vocab_head')(
+                                        source.astype(jnp.float32))
+    return out
 
 
 def create_model(model_config: ml_collections.ConfigDict,
-                 embedding_dim: int = 384) -> ReverseModel:
+                 embedding_dim: int = 384, *, vocab_size: int = 0,
+                 vocab_head_input: str = 'embedding') -> ReverseModel:
   """Builds the model named by `config.model` with clear errors on typos."""
   if model_config.backbone not in BACKBONES:
     raise ValueError(f'config.model.backbone={model_config.backbone!r}; '
@@ -50,9 +66,14 @@ def create_model(model_config: ml_collections.ConfigDict,
   except TypeError as e:
     raise ValueError(f'config.model.dtype={model_config.dtype!r} is not a '
                      'dtype name (e.g. float32, bfloat16).') from e
+  if vocab_head_input not in ('embedding', 'features'):
+    raise ValueError(f'config.vocab.head_input={vocab_head_input!r}; expected '
+                     "'embedding' or 'features'.")
   backbone = module_cls(variants[model_config.variant], dtype=dtype,
                         name='backbone')
   head = heads.EmbeddingHead(embedding_dim, tuple(model_config.head_hidden),
                              dtype=dtype, name='head')
   return ReverseModel(backbone, head, tuple(model_config.image_mean),
-                      tuple(model_config.image_std), dtype=dtype)
+                      tuple(model_config.image_std), dtype=dtype,
+                      vocab_size=vocab_size,
+                      vocab_head_input=vocab_head_input)
