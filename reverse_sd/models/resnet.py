@@ -32,8 +32,8 @@ class ResNetConfig:
 VARIANTS = {
     'tiny': ResNetConfig(width=8, stage_blocks=(1, 1), heads=2,
                          output_dim=32, norm_groups=4),
-    # The CPU default for 64-px synthetic images (see README: chosen by
-    # measured speed and gap closed in the main job's time budget).
+    # Sized for 64-px images on CPU (the main job's default is the faster
+    # models/convnet.py; README gives the measured comparison).
     'small': ResNetConfig(width=16, stage_blocks=(1, 1, 1), heads=4,
                           output_dim=256),
     'medium': ResNetConfig(width=48, stage_blocks=(2, 2, 2), heads=4,
