@@ -204,7 +204,7 @@ def _attach_vocabulary(config, workdir: pathlib.Path,
   """Adds vocabulary multi-hot labels to every split when the head is on.
 
   The vocabulary comes from the training prompts only and is saved as
-  `workdir/vocab.json`; a resumed run (or predict) reuses that file.
+  `workdir/vocab.json`; a resumed run must build the same one.
   """
   if config.vocab.loss_weight < 0:
     raise ValueError('config.vocab.loss_weight must be >= 0; got '
@@ -212,13 +212,18 @@ def _attach_vocabulary(config, workdir: pathlib.Path,
   if config.vocab.loss_weight == 0:
     return splits
   path = workdir / 'vocab.json'
+  vocabulary = vocab_lib.Vocabulary.build(
+      splits['train'].table.prompts.tolist(), size=config.vocab.size)
   if path.exists():
-    vocabulary = vocab_lib.Vocabulary.load(path)
-  else:
-    vocabulary = vocab_lib.Vocabulary.build(
-        splits['train'].table.prompts.tolist(), size=config.vocab.size)
-    if jax.process_index() == 0:
-      vocabulary.save(path)
+    # A resumed run must predict the same words its checkpoint learned.
+    if vocab_lib.Vocabulary.load(path) != vocabulary:
+      raise ValueError(
+          f'{path} differs from the vocabulary this config builds '
+          f'(config.vocab.size={config.vocab.size}, train split of '
+          f'{len(splits["train"])} prompts); the workdir was made with '
+          'another config. Use a fresh --workdir.')
+  elif jax.process_index() == 0:
+    vocabulary.save(path)
   logging.info('Vocabulary head over %d words (%s ...).', len(vocabulary),
                ', '.join(vocabulary.words[:8]))
   return {name: dataclasses.replace(

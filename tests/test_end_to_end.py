@@ -199,3 +199,8 @@ def test_vocabulary_head_run_reports_word_metrics(data_dir, tmp_path):
     assert 0.0 <= scores[key] <= 1.0, key
   words = json.loads((tmp_path / 'run' / 'vocab.json').read_text())['words']
   assert 'background' in words and 'the' not in words
+  # Resuming with another vocabulary size is refused, naming the file.
+  with config.unlocked():
+    config.vocab.size = 5
+  with pytest.raises(ValueError, match='vocab.json differs'):
+    train.train_and_evaluate(config, tmp_path / 'run')

@@ -85,7 +85,7 @@ def test_partition_rules_place_parameters():
 
 
 def _vocab_head_change(vocab_loss_weight):
-  """Largest change of the vocabulary head's kernel after one step."""
+  """Largest change of the vocabulary head's kernel after two steps."""
   config = synthetic.get_config('tiny')
   with config.unlocked():
     config.optim.weight_decay = 0.0  # Only gradients may move parameters.
