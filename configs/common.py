@@ -25,6 +25,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.data.num_validation = 1_000
   config.data.num_test = 2_000
   config.data.num_test_shifted = 2_000
+  # Model input size: > 0 resizes the shorter side to it and centre-crops
+  # (CLIP's preprocessing) at read time; 0 feeds images as stored.
+  config.data.input_size = 0
   config.data.shuffle_seed = 0
   # Threads that read and decode examples ahead of the train step.
   config.data.num_read_threads = 2
@@ -43,6 +46,15 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.model.dtype = 'float32'  # Compute dtype; parameters stay float32.
   config.model.image_mean = (0.48145466, 0.4578275, 0.40821073)  # CLIP.
   config.model.image_std = (0.26862954, 0.26130258, 0.27577711)
+  # A local pretrained checkpoint for the backbone (for 'vit': a Hugging Face
+  # CLIP folder with config.json + model.safetensors); '' trains from scratch.
+  # Read once, when a run starts without a checkpoint of its own.
+  config.model.init_from = ''
+  # ViT only: end with CLIP's visual_projection (the image embedding).
+  config.model.vit_projection = False
+  # Freeze the backbone and cache its features once per data set, so the
+  # head trains without rerunning it (the paper's frozen CLIP + MLP).
+  config.model.frozen_features = False
 
   # Vocabulary head (the paper's multi-label word classifier): a Dense layer
   # from the predicted embedding (or the backbone features) to the top-`size`
@@ -52,6 +64,22 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.vocab.size = 1000
   config.vocab.loss_weight = 0.0
   config.vocab.head_input = 'embedding'  # 'embedding' or 'features'.
+
+  # Curriculum learning (the paper's): train first on the easiest examples.
+  # Difficulty '' (off), 'model' (a trained baseline's per-example cosine,
+  # from `scores_path` or computed from `scorer_workdir`'s checkpoints), or
+  # 'alignment' (synthetic corpus only: the known share of drawn prompt
+  # words). Stage s draws from the easiest `fractions[s]` of the training set
+  # for `stage_lengths[s]` of the steps (normalised to sum 1).
+  config.curriculum = ml_collections.ConfigDict()
+  config.curriculum.difficulty = ''
+  config.curriculum.scores_path = ''
+  config.curriculum.scorer_workdir = ''
+  # How the scorer's kept checkpoints are averaged: 'linear' (later ones
+  # weigh more), 'uniform' or 'last'.
+  config.curriculum.checkpoint_weighting = 'linear'
+  config.curriculum.fractions = (1 / 3, 1 / 2, 1.0)
+  config.curriculum.stage_lengths = (0.25, 0.25, 0.5)
 
   # Loss: cosine-embedding + Huber on the predicted embedding.
   config.loss = ml_collections.ConfigDict()
@@ -68,6 +96,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.optim.b2 = 0.999
   config.optim.grad_clip_norm = 1.0
   config.optim.warmup_fraction = 0.03
+  # (regex over the '/'-joined parameter path, lr multiplier) pairs; first
+  # match wins, 0 freezes. E.g. (('^backbone/', 0.1),) trains the image tower
+  # at a tenth of the head's learning rate.
+  config.optim.param_groups = ()
 
   # Training length and cadence. num_steps > 0 overrides num_epochs.
   config.train = ml_collections.ConfigDict()

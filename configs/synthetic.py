@@ -4,7 +4,9 @@ Usage:
   python -m reverse_sd.main --config=configs/synthetic.py --workdir=DIR
   python -m reverse_sd.main --config=configs/synthetic.py:tiny --workdir=DIR
 
-`arg` picks a size: '' (default, the CPU main job) or 'tiny' (seconds; tests).
+`arg` picks a size: '' (default, the CPU main job), 'ablation' (the default
+model and data on a 3-epoch schedule, for the 12-run ablation sweep in
+`configs/sweeps/ablation_synthetic.py`) or 'tiny' (seconds; tests).
 """
 
 import ml_collections
@@ -13,11 +15,17 @@ from configs import common
 
 
 def get_config(arg: str = '') -> ml_collections.ConfigDict:
-  """Returns the synthetic-corpus config for `arg` in ('', 'default', 'tiny')."""
+  """The synthetic-corpus config for `arg` in ('', 'default', 'ablation',
+  'tiny')."""
   config = common.get_base_config()
   size = arg or 'default'
   if size == 'default':
     pass
+  elif size == 'ablation':
+    config.train.num_epochs = 3.0
+    # Four checkpoints (250, 500, 750, 938), the last three kept: the
+    # baseline runs of the sweep score the curriculum runs' difficulty.
+    config.train.checkpoint_every_steps = 250
   elif size == 'tiny':
     config.data.image_size = 32
     config.data.num_train = 256
@@ -33,6 +41,6 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
     config.eval.batch_size = 32
   else:
     raise ValueError(f'configs/synthetic.py: unknown size {arg!r}; '
-                     "expected '', 'default' or 'tiny'.")
+                     "expected '', 'default', 'ablation' or 'tiny'.")
   config.lock()
   return config

@@ -22,12 +22,20 @@ from reverse_sd import vocab_metrics
 from reverse_sd.data import pipeline
 
 
+def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
+  """The model's keyword inputs of a batch: images, or cached features."""
+  if 'features' in batch:
+    return {'features': batch['features']}
+  return {'images_BxHxWx3': batch['image']}
+
+
 def make_predict_step(model, mesh: Mesh, params_shardings: Any) -> Callable:
-  """Jitted params, uint8 images -> unit-norm embeddings, sharded by batch."""
+  """Jitted (params, {'image' or 'features': batch}) -> unit-norm embeddings
+  (and word logits), sharded by batch."""
   batch_sharding = sharding.batch_sharding(mesh)
 
-  def predict(params, images):
-    out = model.apply({'params': params}, images)
+  def predict(params, inputs):
+    out = model.apply({'params': params}, **model_inputs(inputs))
     return {k: out[k] for k in ('embedding', 'word_logits') if k in out}
 
   return jax.jit(predict, in_shardings=(params_shardings, batch_sharding),
@@ -40,15 +48,14 @@ def predict_split(predict_step: Callable, params: Any,
   """Model outputs of a split in data-source order: 'embedding' [N, D] and,
   with a vocabulary head, 'word_logits' [N, V]."""
   sharding.check_batch_divisible(global_batch_size, mesh)
-  image_shape = tuple(split.load(np.array([0]))['image'].shape[1:])
+  input_key = 'features' if split.features is not None else 'image'
   preds = {}
   for batch in pipeline.eval_batches(
       split, global_batch_size=global_batch_size,
-      process_index=jax.process_index(), process_count=jax.process_count(),
-      image_shape=image_shape):
-    images = sharding.host_to_global({'image': batch['image']}, mesh)['image']
+      process_index=jax.process_index(), process_count=jax.process_count()):
+    inputs = sharding.host_to_global({input_key: batch[input_key]}, mesh)
     index = sharding.host_to_global({'index': batch['index']}, mesh)['index']
-    out = multihost_utils.process_allgather(predict_step(params, images),
+    out = multihost_utils.process_allgather(predict_step(params, inputs),
                                             tiled=True)
     index = multihost_utils.process_allgather(index, tiled=True)
     valid = index >= 0
@@ -122,8 +129,15 @@ def reference_scores(splits: dict[str, pipeline.SplitData],
 def evaluate_model(predict_step: Callable, params: Any,
                    splits: dict[str, pipeline.SplitData],
                    eval_splits: Sequence[str], *, mesh: Mesh,
-                   global_batch_size: int) -> dict[str, dict]:
-  """`cosine`, prompt retrieval `recall@k` and `num_examples` per split."""
+                   global_batch_size: int,
+                   word_groups: dict[str, Sequence[int]] | None = None
+                   ) -> dict[str, dict]:
+  """`cosine`, prompt retrieval `recall@k` and `num_examples` per split.
+
+  With a vocabulary head, also its word metrics (`vocabulary_scores`) and,
+  given `word_groups` (group name -> vocabulary columns), the per-group
+  recall under 'word_groups'.
+  """
   out = {}
   for name in eval_splits:
     start = time.time()
@@ -140,6 +154,9 @@ def evaluate_model(predict_step: Callable, params: Any,
       out[name].update(vocabulary_scores(outputs['word_logits'],
                                          splits[name].labels,
                                          splits['train'].labels))
+      if word_groups:
+        out[name]['word_groups'] = vocab_metrics.group_recall(
+            outputs['word_logits'], splits[name].labels, word_groups)
     logging.info('Evaluated %s: cosine %.4f (%d examples, %.1f s)', name,
                  out[name]['cosine'], len(splits[name]), time.time() - start)
   return out

@@ -18,7 +18,9 @@ import numpy as np
 import optax
 
 from reverse_sd import checkpointing
+from reverse_sd import curriculum as curriculum_lib
 from reverse_sd import evaluate
+from reverse_sd import feature_cache
 from reverse_sd import losses
 from reverse_sd import metrics as metrics_lib
 from reverse_sd import optim
@@ -26,6 +28,7 @@ from reverse_sd import sharding
 from reverse_sd import state as state_lib
 from reverse_sd.data import datasets
 from reverse_sd.data import pipeline
+from reverse_sd.models import pretrained
 from reverse_sd.models import reverse_model
 from reverse_sd.text import vocab as vocab_lib
 
@@ -41,7 +44,7 @@ def make_train_step(model, loss_config: ml_collections.ConfigDict,
 
   def train_step(state, batch):
     def loss_fn(params):
-      out = model.apply({'params': params}, batch['image'])
+      out = model.apply({'params': params}, **evaluate.model_inputs(batch))
       terms = losses.embedding_losses(out['embedding'], batch['embedding'],
                                       loss_config)
       if 'labels' in batch:
@@ -90,21 +93,62 @@ class _Run:
   stream: pipeline.TrainStream
   examples_seen: int
   total_steps: int
+  stages: list[curriculum_lib.Stage] | None
 
 
-def _data_position(config, examples_seen: int, num_train: int) -> dict:
+def _data_position(config, examples_seen: int, num_train: int,
+                   stages) -> dict:
   return {'examples_seen': int(examples_seen),
           'shuffle_seed': int(config.data.shuffle_seed),
-          'num_train_examples': int(num_train)}
+          'num_train_examples': int(num_train),
+          'curriculum': curriculum_lib.fingerprint(stages)}
 
 
 def _check_data_position(position: dict, expected: dict, where: str) -> None:
-  for key in ('shuffle_seed', 'num_train_examples'):
+  position = {'curriculum': '', **position}  # Older checkpoints lack it.
+  for key in ('shuffle_seed', 'num_train_examples', 'curriculum'):
     if position.get(key) != expected[key]:
       raise ValueError(
           f'The checkpoint in {where} was written with {key}='
           f'{position.get(key)}, but this run has {key}={expected[key]}; '
           'it would not continue the same data stream. Use a fresh --workdir.')
+
+
+def _make_stream(config, train: pipeline.SplitData,
+                 stages) -> pipeline.TrainStream:
+  return pipeline.TrainStream(
+      train, global_batch_size=config.train.batch_size,
+      shuffle_seed=config.data.shuffle_seed,
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      num_threads=config.data.num_read_threads,
+      prefetch=config.data.prefetch_batches, stages=stages)
+
+
+def _attach_features(config, run: _Run, splits: dict[str, pipeline.SplitData]
+                     ) -> dict[str, pipeline.SplitData]:
+  """With a frozen backbone: its features of every split, computed once and
+  cached beside the data; the train stream then reads features, not images.
+  """
+  if not config.model.frozen_features:
+    return splits
+  image_shape = tuple(splits['train'].load_images(np.array([0])).shape[1:])
+  key = feature_cache.cache_key(
+      config.model, json.dumps(config.data.to_dict(), sort_keys=True),
+      image_shape, feature_cache.weights_identity(config.model.init_from))
+  cache_dir = (datasets.resolve_data_dir(config.data) /
+               feature_cache.CACHE_DIR_NAME / key)
+  step = feature_cache.make_feature_step(run.model, run.mesh,
+                                         run.state_shardings.params)
+  out = {}
+  for name, split in splits.items():
+    compute = lambda split=split: feature_cache.compute_features(
+        step, run.state.params, split, mesh=run.mesh,
+        global_batch_size=config.eval.batch_size)
+    out[name] = dataclasses.replace(
+        split, features=feature_cache.load_or_compute(cache_dir, split,
+                                                      compute))
+  run.stream = _make_stream(config, out['train'], run.stages)
+  return out
 
 
 def _setup(config, workdir: pathlib.Path, splits) -> _Run:
@@ -116,15 +160,21 @@ def _setup(config, workdir: pathlib.Path, splits) -> _Run:
   vocab_size = (0 if train.labels is None else train.labels.shape[1])
   model = reverse_model.create_model(config.model, vocab_size=vocab_size,
                                      vocab_head_input=config.vocab.head_input)
-  tx, schedule = optim.create_optimizer(config.optim, total_steps)
-  image_shape = tuple(train.load(np.array([0]))['image'].shape[1:])
+  stages = curriculum_lib.stages_for_run(config, workdir, train.table.ids,
+                                         total_steps)
+  # A frozen-features run never updates (or decays) the backbone.
+  tx, schedule = optim.create_optimizer(
+      config.optim, total_steps,
+      extra_groups=((('^backbone/', 0.0),) if config.model.frozen_features
+                    else ()))
+  image_shape = tuple(train.load_images(np.array([0])).shape[1:])
   rng = jax.random.key(config.seed)
   abstract = state_lib.abstract_train_state(model, tx, image_shape, rng)
   state_shardings = sharding.tree_shardings(mesh, abstract,
                                             config.mesh.param_rules)
   manager = checkpointing.create_manager(
       workdir, max_to_keep=config.train.keep_checkpoints)
-  expected_position = _data_position(config, 0, len(train))
+  expected_position = _data_position(config, 0, len(train), stages)
   latest = manager.latest_step()
   if latest is not None:
     state, position = checkpointing.restore(manager, latest, abstract,
@@ -134,13 +184,14 @@ def _setup(config, workdir: pathlib.Path, splits) -> _Run:
   else:
     state, _ = state_lib.create_train_state(model, tx, image_shape, rng, mesh,
                                             config.mesh.param_rules)
+    if config.model.init_from:
+      logging.info('Initialising the backbone from %s', config.model.init_from)
+      state = state.replace(params=pretrained.replace_backbone(
+          state.params,
+          pretrained.load_backbone_params(config.model, image_shape),
+          state_shardings.params))
     examples_seen = 0
-  stream = pipeline.TrainStream(
-      train, global_batch_size=config.train.batch_size,
-      shuffle_seed=config.data.shuffle_seed,
-      process_index=jax.process_index(), process_count=jax.process_count(),
-      num_threads=config.data.num_read_threads,
-      prefetch=config.data.prefetch_batches)
+  stream = _make_stream(config, train, stages)
   return _Run(
       model=model, mesh=mesh, state=state, state_shardings=state_shardings,
       train_step=make_train_step(
@@ -149,7 +200,17 @@ def _setup(config, workdir: pathlib.Path, splits) -> _Run:
       predict_step=evaluate.make_predict_step(model, mesh,
                                               state_shardings.params),
       manager=manager, stream=stream, examples_seen=examples_seen,
-      total_steps=total_steps)
+      total_steps=total_steps, stages=stages)
+
+
+def _log_stage_start(run: _Run, step: int) -> None:
+  if not run.stages:
+    return
+  stage = run.stream.stage_of_step(step)
+  if step == run.stages[stage].start_step:
+    logging.info('Step %d: curriculum stage %d of %d, the easiest %.0f%% '
+                 '(%d examples).', step, stage + 1, len(run.stages),
+                 100 * run.stages[stage].fraction, len(run.stages[stage].pool))
 
 
 def _train_loop(config, run: _Run, splits, writer) -> None:
@@ -170,8 +231,10 @@ def _train_loop(config, run: _Run, splits, writer) -> None:
     while step < run.total_steps:
       batch = next(batches)
       global_batch = sharding.host_to_global(
-          {k: batch[k] for k in ('image', 'embedding', 'labels') if k in batch},
+          {k: batch[k] for k in ('image', 'features', 'embedding', 'labels')
+           if k in batch},
           run.mesh)
+      _log_stage_start(run, step)
       run.state, step_metrics = run.train_step(run.state, global_batch)
       step += 1
       run.examples_seen += config.train.batch_size
@@ -180,6 +243,9 @@ def _train_loop(config, run: _Run, splits, writer) -> None:
       report(step)
       if step % config.train.log_every_steps == 0 or step == run.total_steps:
         summary = {f'train/{k}': v for k, v in accumulated.compute().items()}
+        if run.stages:
+          summary['train/curriculum_fraction'] = run.stages[
+              run.stream.stage_of_step(step - 1)].fraction
         writer.write_scalars(step, summary)
         accumulated = None
       if step % config.train.eval_every_steps == 0 and step < run.total_steps:
@@ -192,7 +258,8 @@ def _train_loop(config, run: _Run, splits, writer) -> None:
       if (step % config.train.checkpoint_every_steps == 0 or
           step == run.total_steps):
         checkpointing.save(run.manager, step, run.state,
-                           _data_position(config, run.examples_seen, num_train))
+                           _data_position(config, run.examples_seen, num_train,
+                                          run.stages))
   finally:
     # An error in a step still lets an in-flight async save finish, so the
     # rerun resumes from it.
@@ -205,12 +272,15 @@ def _attach_vocabulary(config, workdir: pathlib.Path,
 
   The vocabulary comes from the training prompts only and is saved as
   `workdir/vocab.json`; a resumed run must build the same one.
+
+  Returns:
+    (splits, vocabulary); vocabulary is None when the head is off.
   """
   if config.vocab.loss_weight < 0:
     raise ValueError('config.vocab.loss_weight must be >= 0; got '
                      f'{config.vocab.loss_weight}.')
   if config.vocab.loss_weight == 0:
-    return splits
+    return splits, None
   path = workdir / 'vocab.json'
   vocabulary = vocab_lib.Vocabulary.build(
       splits['train'].table.prompts.tolist(), size=config.vocab.size)
@@ -228,7 +298,28 @@ def _attach_vocabulary(config, workdir: pathlib.Path,
                ', '.join(vocabulary.words[:8]))
   return {name: dataclasses.replace(
       split, labels=vocabulary.multi_hot(split.table.prompts.tolist()))
-          for name, split in splits.items()}
+          for name, split in splits.items()}, vocabulary
+
+
+def _word_group_columns(config, vocabulary) -> dict[str, list[int]] | None:
+  """Vocabulary columns of each word group the data set defines (synthetic:
+  shape, colour, ...), for the per-group recall."""
+  if vocabulary is None or config.data.name != 'synthetic':
+    return None
+  from reverse_sd.data import synthetic_grammar  # pylint: disable=g-import-not-at-top
+  return {group: [vocabulary.index[w] for w in words if w in vocabulary.index]
+          for group, words in synthetic_grammar.word_groups().items()}
+
+
+def _scalars(prefix: str, scores: dict) -> dict[str, float]:
+  """Flattens nested float scores to TensorBoard scalar names."""
+  out = {}
+  for key, value in scores.items():
+    if isinstance(value, dict):
+      out.update(_scalars(f'{prefix}/{key}', value))
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+      out[f'{prefix}/{key}'] = float(value)
+  return out
 
 
 def _write_results(workdir: pathlib.Path, results: dict) -> None:
@@ -254,6 +345,14 @@ def format_results_table(results: dict) -> str:
         f'{(f"{oracle:.4f}" if oracle is not None else "-"):>9}'
         f'{(f"{100 * gap:.1f}%" if gap is not None else "-"):>12}')
   return '\n'.join(lines)
+
+
+def _curriculum_meta(config, stages) -> dict | None:
+  if not stages:
+    return None
+  return {'difficulty': config.curriculum.difficulty,
+          'stages': [{'start_step': s.start_step, 'fraction': s.fraction,
+                      'num_examples': len(s.pool)} for s in stages]}
 
 
 def _save_config(config: ml_collections.ConfigDict,
@@ -283,18 +382,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   eval_splits = tuple(config.eval.splits)
   needed = dict.fromkeys(('train', 'validation', *eval_splits))
   splits = datasets.load_splits(config, list(needed))
-  splits = _attach_vocabulary(config, workdir, splits)
+  splits, vocabulary = _attach_vocabulary(config, workdir, splits)
   timings['data_s'] = time.time() - start
 
   start = time.time()
   run = _setup(config, workdir, splits)
+  splits = _attach_features(config, run, splits)
   _train_loop(config, run, splits, writer)
   timings['train_s'] = time.time() - start
 
   start = time.time()
   scores = evaluate.evaluate_model(
       run.predict_step, run.state.params, splits, eval_splits, mesh=run.mesh,
-      global_batch_size=config.eval.batch_size)
+      global_batch_size=config.eval.batch_size,
+      word_groups=_word_group_columns(config, vocabulary))
   references = evaluate.reference_scores(splits, eval_splits,
                                          config.eval.oracle_alphas)
   for name in eval_splits:
@@ -308,9 +409,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                       'global_batch_size': config.train.batch_size,
                       'num_devices': jax.device_count(),
                       'num_processes': jax.process_count(),
+                      'curriculum': _curriculum_meta(config, run.stages),
                       'timings_s': timings}}
-  writer.write_scalars(results['meta']['step'], {
-      f'final/{s}/cosine': v['cosine'] for s, v in scores.items()})
+  writer.write_scalars(results['meta']['step'], _scalars('final', scores))
   writer.flush()
   _write_results(workdir, results)
   run.manager.close()

@@ -9,6 +9,8 @@ Whole-set metrics computed on host arrays after the eval loop:
     k nearest rows of a prompt bank, by cosine.
   * `most_frequent_words_baseline`: scores of the predict-the-most-frequent-
     words baseline, to report its F1@k next to the model's.
+  * `group_recall`: per group of words (colour, shape, ...), the recall of
+    the group's true words among the head's top words of that group.
 
 Rankings of words break ties by word index, lower first (a stable sort), so a
 result never depends on the sorting algorithm. With a vocabulary built by
@@ -212,3 +214,39 @@ def most_frequent_words_baseline(train_labels_NxV,
         f'num_examples must be a non-negative int, got {num_examples!r}')
   frequency_V = train_labels_NxV.mean(axis=0, dtype=np.float64)
   return np.broadcast_to(frequency_V, (num_examples, train_labels_NxV.shape[1]))
+
+
+def group_recall(scores_NxV, labels_NxV,
+                 groups: dict[str, Iterable[int]]) -> dict[str, dict[str, float]]:
+  """Per word group (e.g. colour words), how well the head names its words.
+
+  For each group of vocabulary columns and each example with t >= 1 true
+  words in the group, the head's top-t words among the group's columns are
+  taken; the recall is the share of the t true words among them, averaged
+  over those examples. `chance` is the same for a random ranking of the
+  group (t / group size, averaged), so a group whose words leave no trace in
+  the image sits at chance.
+
+  Returns:
+    group -> {'recall', 'chance', 'num_examples'}; groups with no example
+    that has one of their words are left out.
+  """
+  scores_NxV, labels_NxV = _check_scores_and_labels(scores_NxV, labels_NxV)
+  out = {}
+  for name, columns in groups.items():
+    columns = np.asarray(sorted(set(int(c) for c in columns)), np.int64)
+    if not len(columns):
+      continue
+    labels = labels_NxV[:, columns]
+    num_true = labels.sum(axis=1)
+    has = num_true > 0
+    if not has.any():
+      continue
+    ranked = np.concatenate(list(_ranked_labels(scores_NxV[has][:, columns],
+                                                labels[has])))
+    positions = np.arange(len(columns))[None, :]
+    hits = (ranked & (positions < num_true[has][:, None])).sum(axis=1)
+    out[name] = {'recall': float(np.mean(hits / num_true[has])),
+                 'chance': float(np.mean(num_true[has] / len(columns))),
+                 'num_examples': int(has.sum())}
+  return out

@@ -197,6 +197,10 @@ def test_vocabulary_head_run_reports_word_metrics(data_dir, tmp_path):
   for key in ('vocab_f1@5', 'vocab_f1@10', 'vocab_map',
               'vocab_f1@10_frequent_words'):
     assert 0.0 <= scores[key] <= 1.0, key
+  groups = scores['word_groups']
+  assert {'shape', 'colour', 'style'} <= set(groups)
+  for group in groups.values():
+    assert 0.0 <= group['recall'] <= 1.0 and 0.0 < group['chance'] <= 1.0
   words = json.loads((tmp_path / 'run' / 'vocab.json').read_text())['words']
   assert 'background' in words and 'the' not in words
   # Resuming with another vocabulary size is refused, naming the file.

@@ -149,3 +149,22 @@ def test_most_frequent_words_baseline():
   eval_labels = np.array([[1, 1, 0], [0, 0, 1]])
   result = vocab_metrics.topk_precision_recall_f1(scores, eval_labels, k=1)
   assert result['f1'] == pytest.approx(1 / 3)
+
+
+def test_group_recall_matches_hand_computed_values():
+  # Columns 0-2 are one group (colours), 3-4 another (shapes).
+  scores = np.array([[0.9, 0.1, 0.5, 0.2, 0.8],
+                     [0.1, 0.9, 0.8, 0.7, 0.6]])
+  labels = np.array([[1, 0, 1, 0, 1],
+                     [0, 0, 1, 0, 0]])
+  out = vocab_metrics.group_recall(scores, labels,
+                                   {'colour': [0, 1, 2], 'shape': [3, 4],
+                                    'empty': []})
+  # Row 0: 2 true colours {0, 2}; top-2 colours by score are {0, 2}: 1.0.
+  # Row 1: 1 true colour {2}; top-1 colour is 1: 0.0. Mean 0.5.
+  assert out['colour']['recall'] == pytest.approx(0.5)
+  assert out['colour']['chance'] == pytest.approx((2 / 3 + 1 / 3) / 2)
+  assert out['colour']['num_examples'] == 2
+  # Only row 0 has a shape word (4), ranked first: 1.0; chance 1/2.
+  assert out['shape'] == {'recall': 1.0, 'chance': 0.5, 'num_examples': 1}
+  assert 'empty' not in out

@@ -244,3 +244,29 @@ def attribute_vector(scene: Scene) -> np.ndarray:
   for name in names:
     vector[ATTRIBUTE_INDEX[name]] += 1
   return vector
+
+
+def word_groups() -> dict[str, tuple[str, ...]]:
+  """Prompt words by what they describe, each word in one group only.
+
+  Object and background colours share their words, so they form one group;
+  'art' belongs to the style group ("pixel art") though "concept art" also
+  has it. `modifier` words are never drawn: a model should be at chance on
+  them, which the per-group recall shows.
+  """
+  sources = {
+      'shape': SHAPES, 'colour': COLOURS, 'size': SIZES,
+      'position': POSITIONS, 'texture': TEXTURES, 'style': STYLES,
+      'modifier': MODIFIERS,
+  }
+  seen = set()
+  out = {}
+  for group, phrases in sources.items():
+    group_words = []
+    for phrase in phrases:
+      for word in words(phrase):
+        if word not in seen:
+          seen.add(word)
+          group_words.append(word)
+    out[group] = tuple(group_words)
+  return out

@@ -21,6 +21,9 @@ BACKBONES = {
 class ReverseModel(nn.Module):
   """uint8 images [B,H,W,3] -> dict(embedding [B,384] unit norm, features).
 
+  Given `features` (a frozen backbone's cached output) instead of images, the
+  backbone is skipped and only the head (and vocabulary head) run.
+
   With `vocab_size` > 0 the dict also has `word_logits` [B, vocab_size], from
   a Dense layer on the predicted embedding (the paper's choice) or on the
   backbone features (`vocab_head_input='features'`).
@@ -34,11 +37,13 @@ class ReverseModel(nn.Module):
   vocab_head_input: str = 'embedding'
 
   @nn.compact
-  def __call__(self, images_BxHxWx3):
-    mean = jnp.asarray(self.image_mean, jnp.float32) * 255.0
-    std = jnp.asarray(self.image_std, jnp.float32) * 255.0
-    x = (images_BxHxWx3.astype(jnp.float32) - mean) / std
-    features = self.backbone(x.astype(self.dtype))
+  def __call__(self, images_BxHxWx3=None, *, features=None):
+    if (images_BxHxWx3 is None) == (features is None):
+      raise ValueError('Pass exactly one of images and features.')
+    if features is None:
+      features = self.extract_features(images_BxHxWx3)
+    else:
+      features = features.astype(self.dtype)
     out = {'embedding': self.head(features), 'features': features}
     if self.vocab_size:
       source = out['embedding' if self.vocab_head_input == 'embedding'
@@ -47,6 +52,13 @@ class ReverseModel(nn.Module):
                                     name='vocab_head')(
                                         source.astype(jnp.float32))
     return out
+
+  def extract_features(self, images_BxHxWx3):
+    """The backbone's output for uint8 images (normalised here)."""
+    mean = jnp.asarray(self.image_mean, jnp.float32) * 255.0
+    std = jnp.asarray(self.image_std, jnp.float32) * 255.0
+    x = (images_BxHxWx3.astype(jnp.float32) - mean) / std
+    return self.backbone(x.astype(self.dtype))
 
 
 def create_model(model_config: ml_collections.ConfigDict,

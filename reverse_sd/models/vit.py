@@ -3,7 +3,10 @@
 Pre-LayerNorm transformer with a class token, learned position embeddings
 and CLIP's `ln_pre`/`ln_post`, laid out like Hugging Face's CLIPVisionModel
 (separate q/k/v projections, `layer_norm1`/`layer_norm2`, `mlp.fc1/fc2`) so a
-converter table maps real checkpoints onto it one to one.
+converter table maps real checkpoints onto it one to one
+(`reverse_sd.convert.clip`). With `use_projection` the tower ends in CLIP's
+`visual_projection` (no bias), giving the image embedding of CLIP's joint
+space instead of the pooled feature.
 """
 
 import dataclasses
@@ -15,7 +18,23 @@ import jax.numpy as jnp
 
 @dataclasses.dataclass(frozen=True)
 class ViTConfig:
-  """Shape of a CLIP vision tower."""
+  """Shape of a CLIP vision tower.
+
+  Attributes:
+    patch_size: side of the square patches (and the patch conv's stride).
+    width: model width D (Hugging Face `hidden_size`).
+    layers: number of transformer blocks.
+    heads: attention heads per block.
+    mlp_dim: hidden size of the MLP (Hugging Face `intermediate_size`).
+    activation: 'quick_gelu' (OpenAI CLIP) or 'gelu' (exact; open_clip H/14).
+    layer_norm_eps: epsilon of every LayerNorm.
+    image_size: the resolution the position embeddings were trained for (a
+      checkpoint's `image_size`). Informational: the module takes the number
+      of positions from its input, so the param shapes follow the image size
+      it is initialised with.
+    projection_dim: output size of CLIP's `visual_projection`, used only by a
+      `VisionTransformer` with `use_projection=True`.
+  """
   patch_size: int
   width: int
   layers: int
@@ -23,18 +42,24 @@ class ViTConfig:
   mlp_dim: int
   activation: str = 'quick_gelu'  # OpenAI CLIP; open_clip H/14 uses 'gelu'.
   layer_norm_eps: float = 1e-5
+  image_size: int = 224
+  projection_dim: int = 512
 
 
 VARIANTS = {
-    'tiny': ViTConfig(patch_size=8, width=32, layers=2, heads=2, mlp_dim=64),
+    'tiny': ViTConfig(patch_size=8, width=32, layers=2, heads=2, mlp_dim=64,
+                      image_size=32, projection_dim=16),
     'small': ViTConfig(patch_size=8, width=128, layers=4, heads=4,
-                       mlp_dim=512),
+                       mlp_dim=512, image_size=64, projection_dim=64),
+    # openai/clip-vit-base-patch16.
     'B/16': ViTConfig(patch_size=16, width=768, layers=12, heads=12,
-                      mlp_dim=3072),
+                      mlp_dim=3072, projection_dim=512),
+    # openai/clip-vit-large-patch14.
     'L/14': ViTConfig(patch_size=14, width=1024, layers=24, heads=16,
-                      mlp_dim=4096),
+                      mlp_dim=4096, projection_dim=768),
+    # laion/CLIP-ViT-H-14-laion2B-s32B-b79K.
     'H/14': ViTConfig(patch_size=14, width=1280, layers=32, heads=16,
-                      mlp_dim=5120, activation='gelu'),
+                      mlp_dim=5120, activation='gelu', projection_dim=1024),
 }
 
 
@@ -85,9 +110,22 @@ class EncoderLayer(nn.Module):
 
 
 class VisionTransformer(nn.Module):
-  """CLIP vision tower: images [B,H,W,3] (normalised) -> pooled [B,width]."""
+  """CLIP vision tower: images [B,H,W,3] (normalised) -> pooled [B,width].
+
+  The position embedding has one row per patch of the input plus one for the
+  class token, so its shape follows the image size the module is initialised
+  with ((H // patch) * (W // patch) + 1 rows).
+
+  Attributes:
+    config: the tower's shape.
+    dtype: computation dtype (params stay float32).
+    use_projection: end in CLIP's `visual_projection` (Dense without bias,
+      width -> `config.projection_dim`) and return the image embedding
+      [B, projection_dim] instead of the pooled feature.
+  """
   config: ViTConfig
   dtype: jnp.dtype = jnp.float32
+  use_projection: bool = False
 
   @nn.compact
   def __call__(self, images_BxHxWx3):
@@ -110,4 +148,10 @@ class VisionTransformer(nn.Module):
       x = EncoderLayer(cfg, self.dtype, name=f'layers_{i}')(x)
     pooled = nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=self.dtype,
                           name='post_layernorm')(x[:, 0])
-    return pooled
+    if not self.use_projection:
+      return pooled
+    if cfg.projection_dim <= 0:
+      raise ValueError(f'use_projection=True needs ViTConfig.projection_dim > '
+                       f'0, got {cfg.projection_dim}.')
+    return nn.Dense(cfg.projection_dim, use_bias=False, dtype=self.dtype,
+                    name='visual_projection')(pooled)
