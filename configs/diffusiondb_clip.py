@@ -16,6 +16,9 @@ r"""The paper's black-box model on DiffusionDB: a pretrained CLIP vision tower.
               model.safetensors).
   parts       DiffusionDB parts to use, e.g. 1-200 (default 1-10).
   collection  2m (PNG parts) or large (WebP parts); default 2m.
+  dataset     diffusiondb (default) or image_folder (a folder of images and
+              prompts.csv `imgId,prompt` or prompts.jsonl; see README).
+  prompts     image_folder only: the prompt list file name in manual_dir.
   tiny        1: tiny shapes for tests (a tiny CLIP checkpoint, few steps).
 
 Every value can be overridden on the command line as usual
@@ -29,7 +32,8 @@ from configs import common
 _VARIANTS = ('B/16', 'L/14', 'H/14')
 _MODES = ('mlp', 'finetune')
 _KEYS = ('variant', 'mode', 'data_dir', 'manual_dir', 'weights', 'parts',
-         'collection', 'tiny')
+         'collection', 'dataset', 'prompts', 'tiny')
+_DATASETS = ('diffusiondb', 'image_folder')
 
 
 def _parse(arg: str) -> dict[str, str]:
@@ -59,21 +63,31 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
     raise ValueError(f'configs/diffusiondb_clip.py: mode={mode!r}; expected '
                      f'one of {_MODES}.')
 
+  dataset = values.get('dataset', 'diffusiondb')
+  if dataset not in _DATASETS:
+    raise ValueError(f'configs/diffusiondb_clip.py: dataset={dataset!r}; '
+                     f'expected one of {_DATASETS}.')
+
   config = common.get_base_config()
   data = config.data
-  data.name = 'diffusiondb'
+  data.name = dataset
   data.data_dir = values.get('data_dir', '')
   data.manual_dir = values.get('manual_dir', '')
-  data.collection = values.get('collection', '2m')
-  data.parts = values.get('parts', '1-10')
+  if dataset == 'diffusiondb':
+    data.collection = values.get('collection', '2m')
+    data.parts = values.get('parts', '1-10')
+    data.max_image_nsfw = -1.0  # < 0: no filter.
+    data.max_prompt_nsfw = -1.0
+  else:
+    data.prompts = values.get('prompts', '')  # '': prompts.csv or .jsonl.
   data.image_size = 256  # Stored size; the model's input is input_size.
   data.resize_mode = 'center_crop'
+  data.image_format = 'png'  # 'jpeg' stores 2M images in ~40 GB, not ~250.
+  data.num_workers = 4  # Decode threads of the build.
   data.validation_fraction = 0.02
   data.test_fraction = 0.02
   data.split_seed = 0
   data.dedup = True
-  data.max_image_nsfw = -1.0  # < 0: no filter.
-  data.max_prompt_nsfw = -1.0
   # CLIP preprocessing at read time: shorter side to input_size, centre crop.
   data.input_size = 224
 

@@ -1,6 +1,7 @@
 """Opens the configured data set: builds it if needed, attaches the targets."""
 
 from collections.abc import Sequence
+import functools
 import os
 import pathlib
 
@@ -30,6 +31,27 @@ def resolve_data_dir(data_config: ml_collections.ConfigDict) -> pathlib.Path:
   return path
 
 
+# config.data fields passed to each real-data builder (reverse_sd.data.build).
+_COMMON_OPTIONS = ('image_size', 'resize_mode', 'image_format',
+                   'validation_fraction', 'test_fraction', 'split_seed',
+                   'dedup', 'num_workers')
+_BUILD_OPTIONS = {
+    'diffusiondb': _COMMON_OPTIONS + ('collection', 'parts', 'max_image_nsfw',
+                                      'max_prompt_nsfw'),
+    'image_folder': _COMMON_OPTIONS + ('prompts',),
+}
+
+
+def image_fn(data_config: ml_collections.ConfigDict):
+  """The read-time image transform: CLIP's resize + centre crop to
+  `input_size`, or None to feed images as stored."""
+  size = data_config.get('input_size', 0)
+  if not size:
+    return None
+  from reverse_sd.data import preprocess  # pylint: disable=g-import-not-at-top
+  return functools.partial(preprocess.clip_preprocess, size=int(size))
+
+
 def open_builder(data_config: ml_collections.ConfigDict):
   """Returns a prepared TFDS builder for `data_config.name`."""
   data_dir = resolve_data_dir(data_config)
@@ -43,8 +65,22 @@ def open_builder(data_config: ml_collections.ConfigDict):
         num_validation=data_config.num_validation,
         num_test=data_config.num_test,
         num_test_shifted=data_config.num_test_shifted)
+  if data_config.name in _BUILD_OPTIONS:
+    from reverse_sd.data import build  # pylint: disable=g-import-not-at-top
+    build_fn = {'diffusiondb': build.build_diffusiondb,
+                'image_folder': build.build_image_folder}[data_config.name]
+    options = {key: data_config[key] for key in _BUILD_OPTIONS[data_config.name]
+               if key in data_config}
+    if options.get('prompts') == '':
+      options['prompts'] = None  # The builder looks for its default files.
+    if not data_config.get('manual_dir'):
+      raise ValueError(
+          f'config.data.manual_dir is empty: data set {data_config.name!r} is '
+          'built from files you downloaded; set it to their folder (see '
+          'README.md: Real data).')
+    return build_fn(data_dir, data_config.manual_dir, **options)
   raise ValueError(f'config.data.name={data_config.name!r}; expected one of '
-                   "['synthetic'].")
+                   f"{['synthetic', *_BUILD_OPTIONS]}.")
 
 
 def _make_encoder(text_config: ml_collections.ConfigDict):
@@ -75,5 +111,6 @@ def load_splits(config: ml_collections.ConfigDict,
     table = targets_lib.load_or_compute(builder, split,
                                         encoder_factory=encoder_factory)
     source = builder.as_data_source(split)
-    out[split] = pipeline.SplitData(split, source, table)
+    out[split] = pipeline.SplitData(split, source, table,
+                                    image_fn=image_fn(config.data))
   return out

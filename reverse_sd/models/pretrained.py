@@ -29,7 +29,8 @@ def load_backbone_params(model_config, image_shape: tuple[int, ...]) -> Any:
       path, image_size=int(image_shape[0]),
       with_projection=bool(model_config.vit_projection))
   expected = vit.VARIANTS[model_config.variant]
-  fields = ('patch_size', 'width', 'layers', 'heads', 'mlp_dim')
+  fields = ('patch_size', 'width', 'layers', 'heads', 'mlp_dim', 'activation',
+            'layer_norm_eps')
   differ = [f'{f}: checkpoint {getattr(found, f)}, variant '
             f'{getattr(expected, f)}' for f in fields
             if getattr(found, f) != getattr(expected, f)]

@@ -81,8 +81,14 @@ def create_model(model_config: ml_collections.ConfigDict,
   if vocab_head_input not in ('embedding', 'features'):
     raise ValueError(f'config.vocab.head_input={vocab_head_input!r}; expected '
                      "'embedding' or 'features'.")
+  extra = {}
+  if model_config.get('vit_projection', False):
+    if model_config.backbone != 'vit':
+      raise ValueError('config.model.vit_projection=True needs backbone '
+                       f"'vit', not {model_config.backbone!r}.")
+    extra['use_projection'] = True
   backbone = module_cls(variants[model_config.variant], dtype=dtype,
-                        name='backbone')
+                        name='backbone', **extra)
   head = heads.EmbeddingHead(embedding_dim, tuple(model_config.head_hidden),
                              dtype=dtype, name='head')
   return ReverseModel(backbone, head, tuple(model_config.image_mean),
