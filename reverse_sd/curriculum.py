@@ -158,43 +158,24 @@ def score_run(workdir: str | pathlib.Path, *, weighting: str = 'linear',
               batch_size: int | None = None) -> Scores:
   """Difficulty of every training example from a run's kept checkpoints."""
   # Imported here: the schedule half of this module must not need the model.
-  from reverse_sd import checkpointing  # pylint: disable=g-import-not-at-top
   from reverse_sd import evaluate  # pylint: disable=g-import-not-at-top
-  from reverse_sd import sharding  # pylint: disable=g-import-not-at-top
+  from reverse_sd import restore  # pylint: disable=g-import-not-at-top
   from reverse_sd.data import datasets  # pylint: disable=g-import-not-at-top
-  from reverse_sd.models import reverse_model  # pylint: disable=g-import-not-at-top
 
   workdir = pathlib.Path(workdir).resolve()
-  config = load_run_config(workdir)
-  manager = checkpointing.create_manager(workdir, read_only=True)
-  steps = sorted(manager.all_steps())
-  manager.close()
-  if not steps:
-    raise FileNotFoundError(
-        f'No checkpoints in {checkpointing.checkpoint_dir(workdir)}; train the '
-        'baseline run first.')
+  load_run_config(workdir)  # Names a folder that is not a run at all.
+  steps = restore.checkpoint_steps(workdir)
+  # Raises a clear error when there is no checkpoint (train the baseline
+  # first) or when one does not fit the run's config.
+  run = restore.load_run(workdir, steps[0] if steps else None)
   weights = checkpoint_weights(len(steps), weighting)
-  train = datasets.load_splits(config, ['train'])['train']
-  vocab_size = 0
-  if config.vocab.loss_weight > 0:
-    from reverse_sd.text import vocab as vocab_lib  # pylint: disable=g-import-not-at-top
-    vocab_size = len(vocab_lib.Vocabulary.load(workdir / 'vocab.json'))
-  model = reverse_model.create_model(config.model, vocab_size=vocab_size,
-                                     vocab_head_input=config.vocab.head_input)
-  mesh = sharding.make_mesh(config.mesh.axes, config.mesh.shape)
-  batch_size = batch_size or config.eval.batch_size
+  train = datasets.load_splits(run.config, ['train'])['train']
+  batch_size = batch_size or run.config.eval.batch_size
   per_checkpoint = []
-  predict_step = None
   for step in steps:
-    _, state = checkpointing.load_state_arrays(workdir, step)
-    params = state['params']
-    if predict_step is None:
-      shardings = sharding.tree_shardings(mesh, params,
-                                          config.mesh.param_rules)
-      predict_step = evaluate.make_predict_step(model, mesh, shardings)
-    params = jax.device_put(params, shardings)
-    preds = evaluate.predict_split(predict_step, params, train, mesh=mesh,
-                                   global_batch_size=batch_size)
+    run = run.at_step(step)
+    preds = evaluate.predict_split(run.predict_step, run.params, train,
+                                   mesh=run.mesh, global_batch_size=batch_size)
     cosine = per_example_cosine(preds['embedding'], train.table.embeddings)
     logging.info('Scored %d training examples with step %d: mean cosine %.4f',
                  len(cosine), step, cosine.mean())

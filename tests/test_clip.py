@@ -393,3 +393,32 @@ def test_projection_is_optional_and_off_by_default():
   params = projected.init(jax.random.key(0), images)
   assert params['params']['visual_projection']['kernel'].shape == (32, 16)
   assert projected.apply(params, images).shape == (2, 16)
+
+
+def _write_bf16_safetensors(path, tensors):
+  """The safetensors layout by hand: safetensors.numpy cannot write bf16."""
+  import ml_dtypes  # pylint: disable=g-import-not-at-top
+  header, chunks, offset = {}, [], 0
+  for key in sorted(tensors):
+    data = np.asarray(tensors[key], np.float32).astype(
+        ml_dtypes.bfloat16).tobytes()
+    header[key] = {'dtype': 'BF16', 'shape': list(tensors[key].shape),
+                   'data_offsets': [offset, offset + len(data)]}
+    chunks.append(data)
+    offset += len(data)
+  encoded = json.dumps(header).encode()
+  path.write_bytes(len(encoded).to_bytes(8, 'little') + encoded +
+                   b''.join(chunks))
+
+
+def test_bfloat16_checkpoint_loads_upcast(tmp_path):
+  model_dir = tmp_path / 'bf16'
+  model_dir.mkdir()
+  shutil.copy(VISION_DIR / 'config.json', model_dir / 'config.json')
+  _write_bf16_safetensors(model_dir / 'model.safetensors',
+                          load_file(VISION_DIR / 'model.safetensors'))
+  _, params32 = clip.load_clip_vision(VISION_DIR, with_projection=True)
+  _, params16 = clip.load_clip_vision(model_dir, with_projection=True)
+  for a, b in zip(jax.tree.leaves(params32), jax.tree.leaves(params16)):
+    assert b.dtype == np.float32
+    np.testing.assert_allclose(a, b, rtol=1e-2, atol=1e-2)

@@ -26,11 +26,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
 import dataclasses
+import json
 import os
 import pathlib
 import re
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 import safetensors
 import safetensors.numpy
@@ -126,9 +128,44 @@ def load_safetensors(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
     raise FileNotFoundError(f'Checkpoint file not found: {path}')
   try:
     return safetensors.numpy.load_file(str(path))
+  except TypeError:
+    # numpy has no bfloat16: safetensors.numpy cannot read bf16 checkpoints.
+    return _read_safetensors_upcast(path)
   except (safetensors.SafetensorError, OSError, ValueError) as e:
     raise ConversionError(
         f'{path}: not a readable safetensors file ({e})') from e
+
+
+_SAFETENSORS_DTYPES = {
+    'F64': np.float64, 'F32': np.float32, 'F16': np.float16,
+    'BF16': ml_dtypes.bfloat16, 'I64': np.int64, 'I32': np.int32,
+    'I16': np.int16, 'I8': np.int8, 'U8': np.uint8, 'BOOL': np.bool_,
+}
+
+
+def _read_safetensors_upcast(path: pathlib.Path) -> dict[str, np.ndarray]:
+  """Reads the safetensors layout directly (8-byte header size, JSON header,
+  raw little-endian data); bfloat16 tensors come back as float32."""
+  try:
+    with open(path, 'rb') as f:
+      header_size = int.from_bytes(f.read(8), 'little')
+      header = json.loads(f.read(header_size))
+      data = f.read()
+    out = {}
+    for key, entry in header.items():
+      if key == '__metadata__':
+        continue
+      dtype = _SAFETENSORS_DTYPES[entry['dtype']]
+      start, stop = entry['data_offsets']
+      array = np.frombuffer(data[start:stop], dtype=dtype).reshape(
+          entry['shape'])
+      out[key] = (array.astype(np.float32) if dtype == ml_dtypes.bfloat16
+                  else array.copy())
+    return out
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    raise ConversionError(
+        f'{path}: not a readable safetensors file ({type(e).__name__}: {e})'
+    ) from e
 
 
 def detect_prefix(keys: Iterable[str], anchor: str,
