@@ -4,7 +4,8 @@ r"""Runs a hyperparameter sweep one run after another, then writes a report.
       --sweep=configs/sweeps/ablation_synthetic.py \
       --workdir=runs/ablation_synthetic \
       [--report=results/ablation_synthetic.md] \
-      [--dry_run] [--only=NAME_REGEX] [--keep_going]
+      [--dry_run] [--only=NAME_REGEX] [--keep_going] \
+      [--print_commands=local|tpu_pod|slurm]
 
 A sweep file is plain Python:
 
@@ -39,16 +40,24 @@ order (a later run may read an earlier run's checkpoints) as
 A run whose `results.json` exists is skipped, and runs resume from their
 checkpoints, so rerunning the same command after a kill or a failure continues
 where it stopped. `<workdir>/sweep.json` records every run's status, wall time
-and results; `--report=PATH` writes a markdown table (mean ± std per group)
-and the JSON behind it (PATH with suffix .json).
+and results; `--report=PATH` writes a markdown table (mean ± std per group),
+the JSON behind it (PATH with suffix .json) and one CSV row per run (PATH
+with suffix .csv: name, group, status, then each REPORT metric).
+
+`--print_commands=LAUNCHER` validates the sweep, then prints one command per
+run for `launch/local.sh`, `launch/tpu_pod.sh` (TPU_NAME and ZONE from the
+environment) or `launch/gpu_slurm.sh` (via sbatch), to run elsewhere; it
+runs and writes nothing.
 """
 
 from collections.abc import Callable, Mapping, Sequence
 import copy
+import csv
 import dataclasses
 import datetime
 import difflib
 import importlib.util
+import io
 import json
 import os
 import pathlib
@@ -82,6 +91,8 @@ _REPORT_KEYS = ('title', 'metrics', 'notes')
 _SAFE_NAME = re.compile(r'[A-Za-z0-9][A-Za-z0-9._-]*')
 _DOTTED_KEY = re.compile(r'[A-Za-z_]\w*(\.[A-Za-z_]\w*)*')
 _DEFAULT_METRICS = (('test cosine', 'splits.test.cosine', '.4f'),)
+# reverse_sd.main.PREEMPTED_EXIT_CODE: stopped by SIGTERM after a checkpoint.
+PREEMPTED_EXIT_CODE = 75
 
 
 class SweepError(Exception):
@@ -376,6 +387,40 @@ def build_command(config: str, workdir: str | os.PathLike,
           f'--workdir={workdir}', *override_flags(overrides)]
 
 
+# Launcher scripts (relative to the repo root) for --print_commands.
+LAUNCHERS = ('local', 'tpu_pod', 'slurm')
+
+
+def launcher_command(launcher: str, config: str, workdir: str | os.PathLike,
+                     overrides: Mapping[str, Any],
+                     run_name: str) -> list[str]:
+  """The command that runs one run through a launch/ script (cwd: repo root).
+
+  Args:
+    launcher: 'local' (bash launch/local.sh), 'tpu_pod' (bash
+      launch/tpu_pod.sh; TPU_NAME and ZONE come from the environment) or
+      'slurm' (sbatch launch/gpu_slurm.sh, job named after the run).
+    config: CONFIG of the sweep.
+    workdir: the run's workdir.
+    overrides: the run's config overrides.
+    run_name: the run's name.
+
+  Returns:
+    The argv.
+  """
+  main_args = [f'--config={config}', f'--workdir={workdir}',
+               *override_flags(overrides)]
+  if launcher == 'local':
+    return ['bash', 'launch/local.sh', *main_args]
+  if launcher == 'tpu_pod':
+    return ['bash', 'launch/tpu_pod.sh', *main_args]
+  if launcher == 'slurm':
+    return ['sbatch', f'--job-name={run_name}', 'launch/gpu_slurm.sh',
+            *main_args]
+  raise SweepError(f'--print_commands={launcher!r}; expected one of '
+                   f'{LAUNCHERS}.')
+
+
 def _check_command_line(config: str, run: Run,
                         expected: ml_collections.ConfigDict) -> None:
   """Parses the run's flags as reverse_sd.main will, and compares values."""
@@ -594,8 +639,13 @@ def run_sweep(
         print(f'{prefix}: ran in {_format_duration(entry["wall_s"])}',
               flush=True)
       else:
-        reason = (f'exited with status {status}' if status else
-                  f'exited 0 but wrote no {workdir / "results.json"}')
+        if status == PREEMPTED_EXIT_CODE:
+          reason = (f'was preempted (status {status}) after saving a '
+                    'checkpoint; rerunning resumes it')
+        elif status:
+          reason = f'exited with status {status}'
+        else:
+          reason = f'exited 0 but wrote no {workdir / "results.json"}'
         message = (f'Run {run.name!r} failed: it {reason}; see its log '
                    f'{log_path}.')
         print(f'{prefix}: FAILED: {message}', flush=True)
@@ -609,6 +659,79 @@ def run_sweep(
     if not dry_run:
       _write_json_atomic(sweep_json, entries)
   return entries
+
+
+def run_dependencies(run: Run, runs: Sequence[Run],
+                     sweep_dir: str | os.PathLike) -> list[str]:
+  """Names of the earlier runs whose workdir a run's overrides name (e.g. a
+  curriculum run's `{sweep_dir}/baseline_seed0`): they must finish first."""
+  sweep_dir = pathlib.Path(sweep_dir).resolve()
+  texts = []
+  for value in run.overrides.values():
+    texts.extend(v for v in (value if isinstance(value, (tuple, list))
+                             else (value,)) if isinstance(v, str))
+  names = []
+  for other in runs:
+    if other.name == run.name:
+      break
+    workdir = re.escape(str(sweep_dir / other.name))
+    if any(re.search(workdir + r'(/|$)', text) for text in texts):
+      names.append(other.name)
+  return names
+
+
+def _job_variable(run_name: str) -> str:
+  return 'job_' + re.sub(r'\W', '_', run_name)
+
+
+def print_commands(sweep: Sweep, sweep_dir: str | os.PathLike,
+                   launcher: str, *, only: str | None = None) -> list[str]:
+  """Validates the sweep and prints each selected run's launcher command.
+
+  Runs and writes nothing. The printed lines form a shell script to run
+  from the repo root, in sweep order: for 'local' and 'tpu_pod' each
+  command returns when its run ends; for 'slurm' each run is a job, held
+  (--dependency=afterok) until the jobs of the runs it reads have ended.
+  Runs whose results.json exists are printed too, marked done.
+
+  Returns:
+    The printed command lines, one per selected run.
+  """
+  if launcher not in LAUNCHERS:
+    raise SweepError(f'--print_commands={launcher!r}; expected one of '
+                     f'{LAUNCHERS}.')
+  sweep_dir = pathlib.Path(sweep_dir).resolve()
+  validate_sweep(sweep)
+  selected = _select(sweep.runs, only)
+  total = len(sweep.runs)
+  print(f'# Sweep {sweep.path}: {len(selected)} of {total} runs for '
+        f'launcher {launcher!r}; run from {REPO_ROOT}.', flush=True)
+  lines = []
+  submitted = set()
+  for index, run in enumerate(sweep.runs, start=1):
+    if run.name not in selected:
+      continue
+    workdir = sweep_dir / run.name
+    done = ' (done: results.json exists)' if (
+        workdir / 'results.json').exists() else ''
+    command = launcher_command(launcher, sweep.config, workdir,
+                               run.overrides, run.name)
+    line = shlex.join(command)
+    if launcher == 'slurm':
+      after = [name for name in run_dependencies(run, sweep.runs, sweep_dir)
+               if name in submitted]
+      # sbatch --parsable prints the job id, for later runs' dependencies.
+      options = ['--parsable']
+      if after:
+        options.append('--dependency=afterok:' + ':'.join(
+            f'${{{_job_variable(name)}}}' for name in after))
+      line = (f'{_job_variable(run.name)}=$({shlex.join(command[:1])} '
+              f'{" ".join(options)} {shlex.join(command[1:])})')
+      submitted.add(run.name)
+    print(f'# [{index}/{total}] {run.name} (group {run.group}){done}\n{line}',
+          flush=True)
+    lines.append(line)
+  return lines
 
 
 # ---------------------------------------------------------------------------
@@ -759,17 +882,34 @@ def make_report(report: Mapping[str, Any], runs: Sequence[Mapping[str, Any]],
   return '\n'.join(lines) + '\n', data
 
 
+def make_csv(data: Mapping[str, Any]) -> str:
+  """One CSV row per run of `make_report`'s data: name, group, status, then
+  each metric (by label; full precision, empty where the run lacks it)."""
+  labels = [metric['label'] for metric in data['metrics']]
+  out = io.StringIO()
+  writer = csv.writer(out, lineterminator='\n')
+  writer.writerow(['name', 'group', 'status', *labels])
+  for run in data['runs']:
+    writer.writerow([run['name'], run['group'], run['status'] or '',
+                     *('' if run['metrics'][label] is None else
+                       repr(run['metrics'][label]) for label in labels)])
+  return out.getvalue()
+
+
 def write_report(path: str | os.PathLike, report: Mapping[str, Any],
                  runs: Sequence[Mapping[str, Any]]) -> pathlib.Path:
-  """Writes the markdown report at `path` and its JSON at `path`.json."""
+  """Writes the markdown report at `path`, its JSON at `path`.json and one
+  CSV row per run at `path`.csv; returns the JSON path."""
   path = pathlib.Path(path)
   markdown, data = make_report(report, runs)
   json_path = path.with_suffix('.json')
-  if json_path == path:
-    raise SweepError(f'--report={path}: the JSON would overwrite the report; '
-                     'use a .md path.')
+  csv_path = path.with_suffix('.csv')
+  if path in (json_path, csv_path):
+    raise SweepError(f'--report={path}: the JSON or CSV would overwrite the '
+                     'report; use a .md path.')
   _write_text_atomic(path, markdown)
   _write_json_atomic(json_path, data)
+  _write_text_atomic(csv_path, make_csv(data))
   return json_path
 
 
@@ -792,6 +932,10 @@ def _define_flags() -> None:
                       'matches (re.search). The report covers all runs.')
   flags.DEFINE_bool('keep_going', False, 'Go on after a failed run instead of '
                     'stopping the sweep.')
+  flags.DEFINE_enum('print_commands', None, LAUNCHERS,
+                    'Validate, then print each run\'s command for this '
+                    'launcher (launch/local.sh, launch/tpu_pod.sh, '
+                    'launch/gpu_slurm.sh) instead of running it.')
   flags.mark_flags_as_required(['sweep', 'workdir'])
 
 
@@ -800,6 +944,10 @@ def main(argv: Sequence[str]) -> None:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   try:
     sweep = load_sweep(FLAGS.sweep, FLAGS.workdir)
+    if FLAGS.print_commands:
+      print_commands(sweep, FLAGS.workdir, FLAGS.print_commands,
+                     only=FLAGS.only)
+      return
     entries = run_sweep(sweep, FLAGS.workdir, only=FLAGS.only,
                         keep_going=FLAGS.keep_going, dry_run=FLAGS.dry_run)
     if FLAGS.dry_run:
@@ -808,7 +956,8 @@ def main(argv: Sequence[str]) -> None:
     print(f'sweep: {pathlib.Path(FLAGS.workdir).resolve() / "sweep.json"}')
     if FLAGS.report:
       json_path = write_report(FLAGS.report, sweep.report, entries)
-      print(f'report: {FLAGS.report} (data: {json_path})')
+      print(f'report: {FLAGS.report} (data: {json_path}, per run: '
+            f'{json_path.with_suffix(".csv")})')
     failed = [e for e in entries if e['status'] == 'failed']
     if failed:
       raise SweepError('Failed runs: ' + ', '.join(

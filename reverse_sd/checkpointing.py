@@ -116,7 +116,14 @@ def load_state_arrays(workdir: str | pathlib.Path,
   if step not in steps:
     raise ValueError(f'No checkpoint of step {step} in '
                      f'{checkpoint_dir(workdir)}; it has {sorted(steps)}.')
+  # Restore onto one local device, whatever devices and processes wrote it
+  # (the saved shardings may name devices of processes that are gone).
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  target = jax.tree.map(
+      lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype,
+                                        sharding=device),
+      manager.item_metadata(step)['state'])
   restored = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore()))
+      state=ocp.args.StandardRestore(target)))
   manager.close()
-  return step, restored['state']
+  return step, jax.device_get(restored['state'])

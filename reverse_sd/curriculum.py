@@ -151,7 +151,25 @@ def load_run_config(workdir: str | pathlib.Path) -> ml_collections.ConfigDict:
       return {k: tuples(v) for k, v in value.items()}
     return value
 
-  return ml_collections.ConfigDict(tuples(json.loads(path.read_text())))
+  try:
+    saved = json.loads(path.read_text())
+  except json.JSONDecodeError as e:
+    raise ValueError(f'{path} is not valid JSON ({e}).') from e
+  # Fields added to the base config after the run was made take their
+  # defaults, so older workdirs stay readable.
+  from configs import common  # pylint: disable=g-import-not-at-top
+  merged = _merge(common.get_base_config().to_dict(), tuples(saved))
+  return ml_collections.ConfigDict(merged)
+
+
+def _merge(defaults: dict, saved: dict) -> dict:
+  out = dict(defaults)
+  for key, value in saved.items():
+    if isinstance(value, dict) and isinstance(out.get(key), dict):
+      out[key] = _merge(out[key], value)
+    else:
+      out[key] = value
+  return out
 
 
 def score_run(workdir: str | pathlib.Path, *, weighting: str = 'linear',

@@ -19,6 +19,7 @@ import optax
 
 from reverse_sd import checkpointing
 from reverse_sd import curriculum as curriculum_lib
+from reverse_sd import distributed
 from reverse_sd import evaluate
 from reverse_sd import feature_cache
 from reverse_sd import losses
@@ -227,6 +228,8 @@ def _train_loop(config, run: _Run, splits, writer) -> None:
   batches = run.stream.iterate(run.examples_seen)
   accumulated = None
   num_train = len(splits['train'])
+  preemption = distributed.PreemptionNotice()  # SIGTERM: save, then stop.
+  preemption.start()
   try:
     while step < run.total_steps:
       batch = next(batches)
@@ -260,7 +263,21 @@ def _train_loop(config, run: _Run, splits, writer) -> None:
         checkpointing.save(run.manager, step, run.state,
                            _data_position(config, run.examples_seen, num_train,
                                           run.stages))
+      # Preemption: every process gets the same answer at the same step.
+      if step < run.total_steps and preemption.reached(step):
+        if step % config.train.checkpoint_every_steps:
+          checkpointing.save(run.manager, step, run.state,
+                             _data_position(config, run.examples_seen,
+                                            num_train, run.stages),
+                             force=True)
+        run.manager.wait_until_finished()
+        writer.flush()
+        raise distributed.Preempted(
+            step, f'Preempted at step {step} of {run.total_steps}: saved '
+            f'checkpoint {run.manager.directory}/{step}. Rerun the same '
+            f'command to resume from step {step}.')
   finally:
+    preemption.stop()
     # An error in a step still lets an in-flight async save finish, so the
     # rerun resumes from it.
     run.manager.wait_until_finished()

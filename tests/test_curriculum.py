@@ -290,3 +290,20 @@ def test_model_difficulty_without_a_source_is_explained(data_dir, tmp_path):
   config = _config(data_dir, **{'curriculum.difficulty': 'model'})
   with pytest.raises(ValueError, match='scorer_workdir'):
     train.train_and_evaluate(config, tmp_path / 'run')
+
+
+def test_run_config_of_an_older_run_gets_new_fields_defaults(tmp_path):
+  """A workdir written before a config field existed stays readable."""
+  config = synthetic.get_config('tiny').to_dict()
+  del config['model']['frozen_features']
+  del config['curriculum']
+  config['data']['manual_dir'] = '/data/x'  # A data-set-specific field stays.
+  (tmp_path / 'config.json').write_text(json.dumps(config))
+  loaded = curriculum.load_run_config(tmp_path)
+  assert loaded.model.frozen_features is False
+  assert loaded.curriculum.difficulty == ''
+  assert loaded.data.manual_dir == '/data/x'
+  assert loaded.model.variant == 'tiny'
+  (tmp_path / 'config.json').write_text('{not json')
+  with pytest.raises(ValueError, match='config.json is not valid JSON'):
+    curriculum.load_run_config(tmp_path)

@@ -4,9 +4,11 @@ Nothing here trains: runs either have their results.json written beforehand
 or run a stand-in command.
 """
 
+import csv
 import importlib.util
 import json
 import pathlib
+import shlex
 import subprocess
 import sys
 import textwrap
@@ -379,3 +381,127 @@ def test_script_runs_from_repo_root(tmp_path):
   assert "Run 'b': unknown config key 'sed'. Did you mean 'seed'?" in (
       proc.stderr), proc.stderr
   assert not (tmp_path / 'w').exists()
+
+
+# CSV next to the report.
+
+
+def test_report_writes_one_csv_row_per_run(tmp_path):
+  report_path = tmp_path / 'results' / 'ablation.md'
+  sweep_lib.write_report(report_path, _REPORT, _hand_made_runs())
+  csv_path = tmp_path / 'results' / 'ablation.csv'
+  with open(csv_path, newline='') as f:
+    rows = list(csv.DictReader(f))
+  assert list(rows[0]) == ['name', 'group', 'status', 'test cosine',
+                           'test R@5', 'vocab F1']
+  assert [r['name'] for r in rows] == [r['name'] for r in _hand_made_runs()]
+  by_name = {r['name']: r for r in rows}
+  assert by_name['base_s2'] == {'name': 'base_s2', 'group': 'base',
+                                'status': 'ran', 'test cosine': '0.84',
+                                'test R@5': '0.6', 'vocab F1': ''}
+  assert by_name['vocab_s1']['status'] == 'failed'
+  assert by_name['vocab_s1']['test cosine'] == ''
+  assert float(by_name['half_s0']['test R@5']) == 0.2
+
+
+# Commands for the launchers.
+
+
+def _dependent_sweep(tmp_path):
+  path = _write_sweep(tmp_path, [
+      {'name': 'base_s0', 'group': 'base', 'seed': 0},
+      {'name': 'cur_s0', 'group': 'cur', 'seed': 0,
+       'curriculum.difficulty': 'model',
+       'curriculum.scorer_workdir': '{sweep_dir}/base_s0'},
+      {'name': 'base_s1', 'group': 'base', 'seed': 1,
+       'eval.splits': ('test', 'validation')},
+  ])
+  sweep_dir = tmp_path / 'sweep_dir'
+  return sweep_lib.load_sweep(path, sweep_dir), sweep_dir.resolve()
+
+
+@pytest.mark.parametrize('launcher,prefix', [
+    ('local', ['bash', 'launch/local.sh']),
+    ('tpu_pod', ['bash', 'launch/tpu_pod.sh']),
+])
+def test_print_commands_for_launchers_that_wait(tmp_path, capsys, launcher,
+                                                prefix):
+  sweep, sweep_dir = _dependent_sweep(tmp_path)
+  lines = sweep_lib.print_commands(sweep, sweep_dir, launcher)
+  out = capsys.readouterr().out
+  assert [shlex.split(line) for line in lines] == [
+      [*prefix, '--config=configs/synthetic.py:tiny',
+       f'--workdir={sweep_dir}/base_s0', '--config.seed=0'],
+      [*prefix, '--config=configs/synthetic.py:tiny',
+       f'--workdir={sweep_dir}/cur_s0', '--config.seed=0',
+       '--config.curriculum.difficulty=model',
+       f'--config.curriculum.scorer_workdir={sweep_dir}/base_s0'],
+      [*prefix, '--config=configs/synthetic.py:tiny',
+       f'--workdir={sweep_dir}/base_s1', '--config.seed=1',
+       "--config.eval.splits=('test', 'validation')"],
+  ]
+  assert '# [2/3] cur_s0 (group cur)\n' + lines[1] + '\n' in out
+  assert not sweep_dir.exists()  # Nothing runs, nothing is written.
+
+
+def test_print_commands_for_slurm_chains_dependent_runs(tmp_path, capsys):
+  sweep, sweep_dir = _dependent_sweep(tmp_path)
+  (sweep_dir / 'base_s1').mkdir(parents=True)
+  (sweep_dir / 'base_s1' / 'results.json').write_text('{}')
+  lines = sweep_lib.print_commands(sweep, sweep_dir, 'slurm')
+  config = '--config=configs/synthetic.py:tiny'
+  assert lines == [
+      f'job_base_s0=$(sbatch --parsable --job-name=base_s0 '
+      f'launch/gpu_slurm.sh {config} --workdir={sweep_dir}/base_s0 '
+      '--config.seed=0)',
+      f'job_cur_s0=$(sbatch --parsable --dependency=afterok:${{job_base_s0}} '
+      f'--job-name=cur_s0 launch/gpu_slurm.sh {config} '
+      f'--workdir={sweep_dir}/cur_s0 --config.seed=0 '
+      '--config.curriculum.difficulty=model '
+      f'--config.curriculum.scorer_workdir={sweep_dir}/base_s0)',
+      f'job_base_s1=$(sbatch --parsable --job-name=base_s1 '
+      f'launch/gpu_slurm.sh {config} --workdir={sweep_dir}/base_s1 '
+      '--config.seed=1 '
+      "'--config.eval.splits=('\"'\"'test'\"'\"', '\"'\"'validation'\"'\"')')",
+  ]
+  out = capsys.readouterr().out
+  assert '# [3/3] base_s1 (group base) (done: results.json exists)' in out
+  # --only leaves out the run that others wait for: no dependency on it.
+  lines = sweep_lib.print_commands(sweep, sweep_dir, 'slurm', only='cur')
+  assert len(lines) == 1 and '--dependency' not in lines[0]
+
+
+def test_print_commands_validates_first(tmp_path):
+  sweep = sweep_lib.load_sweep(
+      _write_sweep(tmp_path, [{'name': 'a', 'optim.lrr': 3e-4}]), tmp_path)
+  with pytest.raises(sweep_lib.SweepError, match='optim.lrr'):
+    sweep_lib.print_commands(sweep, tmp_path, 'local')
+  with pytest.raises(sweep_lib.SweepError, match='expected one of'):
+    sweep_lib.print_commands(sweep, tmp_path, 'kubernetes')
+
+
+def test_script_prints_commands(tmp_path):
+  path = _write_sweep(tmp_path, [{'name': 'a', 'seed': 2}])
+  proc = subprocess.run(
+      [sys.executable, 'launch/sweep.py', f'--sweep={path}',
+       f'--workdir={tmp_path / "w"}', '--print_commands=tpu_pod'],
+      cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
+  assert proc.returncode == 0, proc.stderr
+  assert (f'bash launch/tpu_pod.sh --config=configs/synthetic.py:tiny '
+          f'--workdir={(tmp_path / "w").resolve()}/a --config.seed=2\n'
+          in proc.stdout), proc.stdout
+  assert not (tmp_path / 'w').exists()
+
+
+def test_preempted_run_is_named_as_such(tmp_path):
+  path = _write_sweep(tmp_path, [{'name': 'first', 'seed': 0}])
+  sweep_dir = tmp_path / 'sweep_dir'
+  sweep = sweep_lib.load_sweep(path, sweep_dir)
+
+  def preempted(config, workdir, overrides):
+    del config, workdir, overrides
+    return [sys.executable, '-c',
+            f'import sys; sys.exit({sweep_lib.PREEMPTED_EXIT_CODE})']
+
+  with pytest.raises(sweep_lib.SweepError, match='was preempted'):
+    sweep_lib.run_sweep(sweep, sweep_dir, command_builder=preempted)
