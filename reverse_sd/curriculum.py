@@ -376,17 +376,41 @@ def stages_for_run(config: ml_collections.ConfigDict,
 # Command line.
 
 
+_USAGE = ('usage: python -m reverse_sd.curriculum score --workdir=RUN '
+          '[--output=PATH] '
+          f'[--weights={"|".join(CHECKPOINT_WEIGHTINGS)}] '
+          '[--source=model|alignment] [--batch_size=N]\n'
+          '       python -m reverse_sd.curriculum compare --workdir=RUN '
+          '--scores=PATH')
+
+
+def _alignment_summary(config, scores: Scores) -> dict:
+  """Rank correlation of `scores` with the known alignment (synthetic)."""
+  try:
+    alignment = alignment_of_train(config)
+  except ValueError:
+    return {}
+  return {'spearman_with_alignment': spearman(
+      scores.scores, alignment.for_ids(scores.ids))}
+
+
 def _main(argv: Sequence[str]) -> None:
   from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
   absl_logging.set_verbosity(absl_logging.INFO)
-  if len(argv) != 2 or argv[1] != 'score':
-    raise SystemExit('usage: python -m reverse_sd.curriculum score '
-                     '--workdir=BASELINE_DIR [--output=PATH] '
-                     f'[--weights={"|".join(CHECKPOINT_WEIGHTINGS)}] '
-                     '[--source=model|alignment] [--batch_size=N]')
+  if len(argv) != 2 or argv[1] not in ('score', 'compare'):
+    raise SystemExit(_USAGE)
   workdir = pathlib.Path(_FLAGS.workdir)
-  output = pathlib.Path(_FLAGS.output or workdir / SCORES_FILE_NAME)
   config = load_run_config(workdir)
+  if argv[1] == 'compare':
+    # How close a saved model-based score is to the known alignment.
+    if not _FLAGS.scores:
+      raise SystemExit('compare needs --scores=PATH.\n' + _USAGE)
+    scores = Scores.load(_FLAGS.scores)
+    summary = {'scores': _FLAGS.scores, 'source': scores.source,
+               **_alignment_summary(config, scores)}
+    print(json.dumps(summary, indent=2))
+    return
+  output = pathlib.Path(_FLAGS.output or workdir / SCORES_FILE_NAME)
   if _FLAGS.source == 'alignment':
     scores = alignment_of_train(config)
   else:
@@ -399,13 +423,7 @@ def _main(argv: Sequence[str]) -> None:
                                     for w in scores.checkpoint_weights],
              'mean_score': float(scores.scores.mean())}
   if scores.source != 'alignment':
-    try:
-      alignment = alignment_of_train(config)
-    except ValueError:
-      alignment = None
-    if alignment is not None:
-      summary['spearman_with_alignment'] = spearman(
-          scores.scores, alignment.for_ids(scores.ids))
+    summary.update(_alignment_summary(config, scores))
   if jax.process_index() == 0:
     scores.save(output)
     print(json.dumps(summary, indent=2))
@@ -423,5 +441,6 @@ if __name__ == '__main__':
   _flags.DEFINE_enum('source', 'model', ('model', 'alignment'),
                      'Difficulty from the run, or the known alignment.')
   _flags.DEFINE_integer('batch_size', 0, 'Prediction batch (0: eval batch).')
+  _flags.DEFINE_string('scores', '', 'compare: a scores file to compare.')
   _FLAGS = _flags.FLAGS
   _app.run(_main)

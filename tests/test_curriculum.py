@@ -214,6 +214,16 @@ def test_score_command_writes_scores_keyed_by_id(baseline, data_dir):
       rtol=1e-5)
   # The checkpoints differ, so the per-checkpoint cosines do too.
   assert not np.allclose(scores.per_checkpoint[0], scores.per_checkpoint[1])
+  # `compare` reports the same rank correlation for the saved file.
+  proc = subprocess.run(
+      [sys.executable, '-m', 'reverse_sd.curriculum', 'compare',
+       f'--workdir={baseline}', f'--scores={output}'],
+      cwd=REPO, env=dict(os.environ), capture_output=True, text=True,
+      timeout=600, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  compared = json.loads(proc.stdout[proc.stdout.index('{'):])
+  assert compared['spearman_with_alignment'] == pytest.approx(
+      summary['spearman_with_alignment'])
   del data_dir
 
 
