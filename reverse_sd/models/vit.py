@@ -78,30 +78,44 @@ class Attention(nn.Module):
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x_BxTxD):
+  def __call__(self, x_BxTxD, mask=None):
+    """Attends over the T axis.
+
+    Args:
+      x_BxTxD: input tokens.
+      mask: optional boolean mask broadcastable to [B, heads, T, T]; True
+        where a query (axis -2) may attend to a key (axis -1). None attends
+        everywhere (the vision tower); the CLIP text transformer passes a
+        causal mask.
+    """
     head_dim = self.width // self.heads
     dense = lambda name: nn.Dense(self.width, dtype=self.dtype, name=name)
     split = lambda y: y.reshape(*y.shape[:-1], self.heads, head_dim)
     q = split(dense('q_proj')(x_BxTxD))
     k = split(dense('k_proj')(x_BxTxD))
     v = split(dense('v_proj')(x_BxTxD))
-    out = jax.nn.dot_product_attention(q, k, v)
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask)
     out = out.reshape(*out.shape[:-2], self.width)
     return dense('out_proj')(out)
 
 
 class EncoderLayer(nn.Module):
-  """Pre-LN transformer block: x + attn(ln(x)); x + mlp(ln(x))."""
+  """Pre-LN transformer block: x + attn(ln(x)); x + mlp(ln(x)).
+
+  `config` is a `ViTConfig` or any config with the same `width`, `heads`,
+  `mlp_dim`, `activation` and `layer_norm_eps` fields (the CLIP text
+  transformer's `ClipTextConfig`). `mask` is passed to `Attention`.
+  """
   config: ViTConfig
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, mask=None):
     cfg = self.config
     norm = lambda name: nn.LayerNorm(epsilon=cfg.layer_norm_eps,
                                      dtype=self.dtype, name=name)
     x = x + Attention(cfg.width, cfg.heads, self.dtype,
-                      name='self_attn')(norm('layer_norm1')(x))
+                      name='self_attn')(norm('layer_norm1')(x), mask)
     y = norm('layer_norm2')(x)
     y = nn.Dense(cfg.mlp_dim, dtype=self.dtype, name='fc1')(y)
     y = _activation(cfg.activation)(y)
