@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# The train-step tables on one accelerator, in bfloat16, at batches that fill
+# an H200-class card; MFU against a bf16 8192^3 matmul peak measured first.
+# Aims at under 8 minutes end to end, environment included.
+#
+#   bash benchmarks/gpu.sh            # -> benchmarks/results/gpu.json
+#   bash benchmarks/gpu.sh --quick    # CPU smoke: tiny shapes, seconds
+#
+# Environment: the first of
+#   $BENCH_VENV                  a ready virtualenv (jax with its GPU plugin);
+#   .venv                        with --quick only (the CPU environment);
+#   /tmp/venv                    made here: requirements.txt +
+#                                jax[cuda12]==0.10.2 from PyPI, or from the
+#                                wheels in $WHEELHOUSE (offline) if set.
+# Optional: $TORCH_PYTHON, a python with CUDA torch and transformers 5, adds
+# the PyTorch rows (eager and torch.compile, autocast bf16).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+started=${SECONDS}
+
+quick=0
+for arg in "$@"; do
+  case "${arg}" in
+    --quick) quick=1 ;;
+    *) echo "gpu.sh: unknown argument ${arg} (only --quick)" >&2; exit 2 ;;
+  esac
+done
+
+venv="${BENCH_VENV:-}"
+if [[ -z "${venv}" ]]; then
+  if [[ ${quick} == 1 && -x .venv/bin/python ]]; then
+    venv=.venv
+  else
+    venv=/tmp/venv
+  fi
+fi
+needed='import jax, flax, optax, clu, grain, tensorflow_datasets, ml_collections'
+
+if ! "${venv}/bin/python" -c "${needed}" >/dev/null 2>&1; then
+  echo "gpu.sh: installing the environment into ${venv} (a few minutes)" >&2
+  python3 -m venv "${venv}"
+  pip_args=(--disable-pip-version-check --quiet --timeout 30 --retries 2)
+  if [[ -n "${WHEELHOUSE:-}" ]]; then
+    pip_args+=(--no-index --find-links "${WHEELHOUSE}")
+  fi
+  if ! "${venv}/bin/python" -m pip install "${pip_args[@]}" \
+      -r requirements.txt 'jax[cuda12]==0.10.2'; then
+    cat >&2 <<EOF
+gpu.sh: ERROR: pip could not install requirements.txt and jax[cuda12]==0.10.2
+into ${venv} (no route to PyPI from this machine?). Either
+  - on a machine with network access: pip download -d WHEELS -r requirements.txt
+    'jax[cuda12]==0.10.2' (same Python version and platform), copy WHEELS here
+    and rerun with WHEELHOUSE=WHEELS; or
+  - rerun with BENCH_VENV=/path/to/a/venv that has jax[cuda12] and requirements.txt.
+EOF
+    exit 3
+  fi
+fi
+python="${venv}/bin/python"
+echo "gpu.sh: environment ready after $((SECONDS - started)) s (${python})" >&2
+
+backend="$("${python}" -c 'import jax; print(jax.default_backend())' 2>/dev/null || true)"
+if [[ ${quick} == 0 && "${backend}" != gpu ]]; then
+  echo "gpu.sh: ERROR: JAX's backend is '${backend}', not gpu: the jax[cuda12]" \
+    "plugin did not load (check nvidia-smi, the driver's CUDA 12 support, and" \
+    "'${python} -c \"import jax; print(jax.devices())\"')." >&2
+  exit 4
+fi
+
+export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-2}"
+cases='convnet_small:1024:4096,vit_b16:256:512,vit_l14:128:256'
+frameworks=jax
+torch_args=()
+if [[ -n "${TORCH_PYTHON:-}" ]]; then
+  frameworks=jax,torch_eager,torch_compile
+  device=cuda
+  [[ ${quick} == 0 ]] || device=cpu
+  torch_args=(--torch_python="${TORCH_PYTHON}" --torch_device="${device}")
+fi
+output=benchmarks/results/gpu.json
+mode_args=(--rounds=1 --warmup=3 --steps=10 --infer_warmup=2 --infer_steps=10
+           --worker_timeout=300)
+if [[ ${quick} == 1 ]]; then
+  output=benchmarks/results/gpu_quick.json
+  mode_args=(--quick --worker_timeout=300)
+fi
+
+"${python}" benchmarks/train_step.py --cases="${cases}" \
+  --frameworks="${frameworks}" --dtype=bfloat16 --matmul_size=8192 \
+  --no-verify --output="${output}" "${mode_args[@]}" \
+  "${torch_args[@]+"${torch_args[@]}"}"
+
+elapsed=$((SECONDS - started))
+echo "gpu.sh: total ${elapsed} s"
+if ((elapsed > 480)); then
+  echo "gpu.sh: WARNING: over the 8-minute budget; lower the batches or drop" \
+    "vit_l14 from 'cases' in benchmarks/gpu.sh." >&2
+fi

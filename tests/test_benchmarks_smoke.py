@@ -1,0 +1,71 @@
+"""The benchmark scripts' JAX side and reporting, on a tiny model (seconds).
+
+No timing is asserted: these check that the scripts produce their numbers
+(FLOPs from XLA's cost analysis, the summary and table), not what they are.
+"""
+
+import jax
+
+from benchmarks import common
+from benchmarks import scaling
+from benchmarks import train_step
+
+TINY = dict(name='tiny', backbone='convnet', variant='tiny', image_size=16,
+            train_batch=8, infer_batch=8)
+
+
+def test_parse_cases_batches_and_quick():
+  big, = common.parse_cases('vit_b16:256')
+  assert (big['variant'], big['train_batch'], big['infer_batch']) == (
+      'B/16', 256, 512)
+  convnet, vit = common.parse_cases('convnet_small,vit_b16', quick=True)
+  assert convnet['variant'] == 'small' and vit['variant'] == 'tiny'
+  assert vit['image_size'] == common.QUICK_IMAGE_SIZE
+  for bad in ('resnet', 'vit_b16:x', 'vit_b16:1:2:3', ''):
+    try:
+      common.parse_cases(bad)
+    except SystemExit as e:
+      assert '--cases' in str(e), str(e)
+    else:
+      raise AssertionError(f'{bad!r}: expected SystemExit')
+
+
+def test_jax_measurement_counts_flops_on_a_tiny_model():
+  args = train_step._parse_args(['--quick'])  # pylint: disable=protected-access
+  spec = dict(train_step.make_spec(TINY, args), warmup=0, steps=1,
+              infer_warmup=0, infer_steps=1)
+  result = train_step.measure_jax(spec, devices=jax.devices()[:1])
+  train = result['train']
+  # Forward + backward of a model with 2 convs and a Dense: > 2 * MACs.
+  assert train['flops_per_image'] > 2 * 16 * 16 * 3 * 8 / 4, train
+  assert 0 < result['infer']['flops_per_image'] < train['flops_per_image']
+  assert train['compile_s'] > 0 and len(train['times_s']) == 1
+  assert result['peak_rss_mb'] > 0 and result['param_count'] > 0
+
+  summary = train_step.summarize_case(
+      {'jax': [result], 'torch_eager': [{'error': 'exit 1'}]},
+      peak_flops=1e12)
+  assert summary['jax']['train_mfu'] > 0
+  assert summary['torch_eager']['errors'] == ['exit 1']
+  table = train_step.format_report(
+      {'tiny': {'summary': summary, 'ratios': train_step.ratios(summary)}})
+  assert 'torch_eager (failed)' in table and 'GFLOP/img' in table
+  assert 'train_jax_over_torch_eager = -' in table
+
+
+def test_format_table_aligns_and_marks_missing():
+  table = common.format_table(['name', 'value'],
+                              [['a', 1234.5], ['long name', None],
+                               ['c', 0.012345]])
+  lines = table.splitlines()
+  assert len({len(line) for line in lines}) == 1, table
+  assert lines[2].endswith('1234') and lines[3].endswith('-')
+  assert lines[4].endswith('0.0123')
+
+
+def test_scaling_compare():
+  one = {'losses': [1.0, 0.5], 'param_norm': 2.0}
+  eight = {'losses': [1.0, 0.5001], 'param_norm': 2.0}
+  diffs = scaling.compare(one, eight)
+  assert abs(diffs['max_rel_diff_loss'] - 2e-4) < 1e-9
+  assert diffs['rel_diff_param_norm'] == 0
