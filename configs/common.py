@@ -40,21 +40,32 @@ def get_base_config() -> ml_collections.ConfigDict:
 
   # Model: an image backbone and a head to the 384-d prompt embedding.
   config.model = ml_collections.ConfigDict()
-  config.model.backbone = 'convnet'  # 'convnet', 'clip_resnet' or 'vit'.
+  # 'convnet', 'clip_resnet', 'vit', or 'sd_unet' (the white-box SD U-Net).
+  config.model.backbone = 'convnet'
   config.model.variant = 'small'  # Named shape of the backbone.
   config.model.head_hidden = ()  # MLP widths before the 384-d projection.
   config.model.dtype = 'float32'  # Compute dtype; parameters stay float32.
   config.model.image_mean = (0.48145466, 0.4578275, 0.40821073)  # CLIP.
   config.model.image_std = (0.26862954, 0.26130258, 0.27577711)
   # A local pretrained checkpoint for the backbone (for 'vit': a Hugging Face
-  # CLIP folder with config.json + model.safetensors); '' trains from scratch.
+  # CLIP folder with config.json + model.safetensors; for 'sd_unet': a
+  # diffusers SD folder with unet/ and vae/); '' trains from scratch.
   # Read once, when a run starts without a checkpoint of its own.
   config.model.init_from = ''
   # ViT only: end with CLIP's visual_projection (the image embedding).
   config.model.vit_projection = False
-  # Freeze the backbone and cache its features once per data set, so the
-  # head trains without rerunning it (the paper's frozen CLIP + MLP).
+  # Freeze the backbone's frozen stage and cache its outputs once per data
+  # set, so the rest trains without rerunning it (the paper's frozen CLIP +
+  # MLP; for 'sd_unet' the VAE, whose latents the U-Net fine-tunes on).
   config.model.frozen_features = False
+  # White-box backbone ('sd_unet') only: the U-Net's cross-attention context
+  # ('empty': the SD text encoder on the empty prompt, from init_from;
+  # 'file': a .npy [T, D] at sd_context_path; 'zeros'), its timestep, and
+  # the DDPM forward-process noise added to the latent (0: clean latent).
+  config.model.sd_context = 'empty'
+  config.model.sd_context_path = ''
+  config.model.sd_timestep = 0
+  config.model.sd_noise = 0.0
 
   # Vocabulary head (the paper's multi-label word classifier): a Dense layer
   # from the predicted embedding (or the backbone features) to the top-`size`

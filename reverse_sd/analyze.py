@@ -123,8 +123,8 @@ def analyze_split(run: restore.Run, name: str, *,
     metrics.update(evaluate.vocabulary_scores(logits, labels, train_labels))
     groups = _word_group_columns(run)
     if groups:
-      metrics['word_groups'] = vocab_metrics.group_recall(logits, labels,
-                                                          groups)
+      metrics['word_groups'] = vocab_metrics.group_recall(
+          logits, labels, groups, prior_V=train_labels.mean(axis=0))
     word_scores = (1.0 / (1.0 + np.exp(-logits.astype(np.float64)))).astype(
         np.float32)
   return SplitAnalysis(
@@ -335,9 +335,11 @@ def _word_groups_table(groups: dict) -> str:
   rows = ''.join(
       f'<tr><td>{html.escape(g)}</td><td class="num">{_fmt(s["recall"])}</td>'
       f'<td class="num">{_fmt(s["chance"])}</td>'
+      f'<td class="num">{_fmt(s.get("prior_recall"))}</td>'
       f'<td class="num">{s["num_examples"]}</td></tr>'
       for g, s in groups.items())
   return ('<table><tr><th>word group</th><th>recall</th><th>chance</th>'
+          '<th>word-frequency prior</th>'
           f'<th>examples</th></tr>{rows}</table>')
 
 

@@ -156,7 +156,8 @@ def evaluate_model(predict_step: Callable, params: Any,
                                          splits['train'].labels))
       if word_groups:
         out[name]['word_groups'] = vocab_metrics.group_recall(
-            outputs['word_logits'], splits[name].labels, word_groups)
+            outputs['word_logits'], splits[name].labels, word_groups,
+            prior_V=splits['train'].labels.mean(axis=0))
     logging.info('Evaluated %s: cosine %.4f (%d examples, %.1f s)', name,
                  out[name]['cosine'], len(splits[name]), time.time() - start)
   return out

@@ -1,11 +1,13 @@
 """Cached outputs of a frozen backbone, so a head trains without rerunning it.
 
 The paper's CLIP variant freezes the CLIP tower and trains an MLP on its
-image embeddings. With `config.model.frozen_features=True` the tower runs
-once over every split; its features are kept as
-`{cache_root}/{key}/{split}.npy`, where `key` digests everything that
-determines them (backbone, variant, weights file, input size, data set). A
-rerun or a sweep over head hyperparameters reuses them.
+image embeddings; its white-box variant fine-tunes the SD U-Net on the frozen
+VAE's latents. With `config.model.frozen_features=True` the frozen stage (the
+whole tower; the VAE) runs once over every split; its outputs are kept as
+`{cache_root}/{key}/{split}.npy` ([N, F] features or [N, h, w, 4] latents),
+where `key` digests everything that determines them (backbone, variant,
+weights files, input size, data set). A rerun or a sweep over the trainable
+part's hyperparameters reuses them.
 """
 
 import hashlib
@@ -43,7 +45,8 @@ def cache_key(model_config, data_identity: str, input_shape: tuple[int, ...],
 
 
 def weights_identity(path: str) -> str:
-  """Path, size and modification time of the pretrained weights."""
+  """Path, size and modification time of the pretrained weights (a file, or
+  a folder's *.safetensors)."""
   if not path:
     raise ValueError('config.model.frozen_features=True needs pretrained '
                      'weights (config.model.init_from): the features of a '
@@ -56,7 +59,8 @@ def weights_identity(path: str) -> str:
 
 
 def make_feature_step(model, mesh: Mesh, params_shardings: Any) -> Callable:
-  """Jitted (params, uint8 images) -> backbone features, sharded by batch."""
+  """Jitted (params, uint8 images) -> frozen-stage outputs, sharded by
+  batch."""
   batch_sharding = sharding.batch_sharding(mesh)
 
   def features(params, images):
@@ -70,7 +74,7 @@ def make_feature_step(model, mesh: Mesh, params_shardings: Any) -> Callable:
 def compute_features(feature_step: Callable, params: Any,
                      split: pipeline.SplitData, *, mesh: Mesh,
                      global_batch_size: int) -> np.ndarray:
-  """float32 [N, F] backbone features of a split, in data-source order."""
+  """float32 [N, ...] frozen-stage outputs of a split, in data-source order."""
   out = None
   for batch in pipeline.eval_batches(
       split, global_batch_size=global_batch_size,
@@ -89,16 +93,19 @@ def compute_features(feature_step: Callable, params: Any,
 
 def load_or_compute(cache_dir: pathlib.Path, split: pipeline.SplitData,
                     compute: Callable[[], np.ndarray]) -> np.ndarray:
-  """The split's cached features, computing and saving them once."""
+  """The split's cached features, computing and saving them once.
+
+  A cache is memory-mapped: latents of a large split need not fit in RAM.
+  """
   path = cache_dir / f'{split.name}.npy'
   if path.exists():
     try:
-      features = np.load(path, allow_pickle=False)
+      features = np.load(path, allow_pickle=False, mmap_mode='r')
     except Exception as e:  # pylint: disable=broad-except
       raise ValueError(f'The feature cache {path} is unreadable '
                        f'({type(e).__name__}: {e}). Delete it to recompute.'
                       ) from e
-    if features.ndim != 2 or len(features) != len(split):
+    if features.ndim < 2 or len(features) != len(split):
       raise ValueError(f'The feature cache {path} has shape {features.shape} '
                        f'but split {split.name!r} has {len(split)} examples. '
                        'Delete it to recompute.')

@@ -110,8 +110,7 @@ def _abstract_state(config, model, input_shape):
   """
   tx, _ = optim.create_optimizer(
       config.optim, max(int(config.train.num_steps), 1),
-      extra_groups=((('^backbone/', 0.0),) if config.model.frozen_features
-                    else ()))
+      extra_groups=reverse_model.frozen_param_groups(config.model))
   return state_lib.abstract_train_state(model, tx, input_shape,
                                         jax.random.key(config.seed))
 

@@ -36,16 +36,23 @@ from reverse_sd.text import vocab as vocab_lib
 
 def make_train_step(model, loss_config: ml_collections.ConfigDict,
                     schedule: optax.Schedule, mesh, state_shardings, *,
-                    vocab_loss_weight: float = 0.0) -> Callable:
+                    vocab_loss_weight: float = 0.0,
+                    noise_seed: int = 0) -> Callable:
   """One jitted, state-donating step: (state, batch) -> (state, metrics).
 
   The loss is cosine + Huber on the embedding, plus `vocab_loss_weight` x the
-  vocabulary head's BCE when the batch carries `labels`.
+  vocabulary head's BCE when the batch carries `labels`. A model that draws
+  noise (the white-box backbone with `sd_noise` > 0) gets a 'noise' rng from
+  `noise_seed` and the step number.
   """
 
   def train_step(state, batch):
+    rngs = {'noise': jax.random.fold_in(jax.random.key(noise_seed),
+                                        state.step)}
+
     def loss_fn(params):
-      out = model.apply({'params': params}, **evaluate.model_inputs(batch))
+      out = model.apply({'params': params}, **evaluate.model_inputs(batch),
+                        rngs=rngs)
       terms = losses.embedding_losses(out['embedding'], batch['embedding'],
                                       loss_config)
       if 'labels' in batch:
@@ -127,15 +134,18 @@ def _make_stream(config, train: pipeline.SplitData,
 
 def _attach_features(config, run: _Run, splits: dict[str, pipeline.SplitData]
                      ) -> dict[str, pipeline.SplitData]:
-  """With a frozen backbone: its features of every split, computed once and
-  cached beside the data; the train stream then reads features, not images.
+  """With `config.model.frozen_features`: the frozen stage's outputs (a
+  frozen tower's features; the white-box VAE's latents) of every split,
+  computed once and cached beside the data; the train stream then reads
+  them, not images.
   """
   if not config.model.frozen_features:
     return splits
   image_shape = tuple(splits['train'].load_images(np.array([0])).shape[1:])
   key = feature_cache.cache_key(
       config.model, json.dumps(config.data.to_dict(), sort_keys=True),
-      image_shape, feature_cache.weights_identity(config.model.init_from))
+      image_shape, feature_cache.weights_identity(
+          reverse_model.frozen_stage_weights(config.model)))
   cache_dir = (datasets.resolve_data_dir(config.data) /
                feature_cache.CACHE_DIR_NAME / key)
   step = feature_cache.make_feature_step(run.model, run.mesh,
@@ -163,11 +173,10 @@ def _setup(config, workdir: pathlib.Path, splits) -> _Run:
                                      vocab_head_input=config.vocab.head_input)
   stages = curriculum_lib.stages_for_run(config, workdir, train.table.ids,
                                          total_steps)
-  # A frozen-features run never updates (or decays) the backbone.
+  # A frozen stage is never updated (or decayed).
   tx, schedule = optim.create_optimizer(
       config.optim, total_steps,
-      extra_groups=((('^backbone/', 0.0),) if config.model.frozen_features
-                    else ()))
+      extra_groups=reverse_model.frozen_param_groups(config.model))
   image_shape = tuple(train.load_images(np.array([0])).shape[1:])
   rng = jax.random.key(config.seed)
   abstract = state_lib.abstract_train_state(model, tx, image_shape, rng)
@@ -197,7 +206,8 @@ def _setup(config, workdir: pathlib.Path, splits) -> _Run:
       model=model, mesh=mesh, state=state, state_shardings=state_shardings,
       train_step=make_train_step(
           model, config.loss, schedule, mesh, state_shardings,
-          vocab_loss_weight=config.vocab.loss_weight),
+          vocab_loss_weight=config.vocab.loss_weight,
+          noise_seed=config.seed),
       predict_step=evaluate.make_predict_step(model, mesh,
                                               state_shardings.params),
       manager=manager, stream=stream, examples_seen=examples_seen,

@@ -216,20 +216,23 @@ def most_frequent_words_baseline(train_labels_NxV,
   return np.broadcast_to(frequency_V, (num_examples, train_labels_NxV.shape[1]))
 
 
-def group_recall(scores_NxV, labels_NxV,
-                 groups: dict[str, Iterable[int]]) -> dict[str, dict[str, float]]:
+def group_recall(scores_NxV, labels_NxV, groups: dict[str, Iterable[int]],
+                 prior_V=None) -> dict[str, dict[str, float]]:
   """Per word group (e.g. colour words), how well the head names its words.
 
   For each group of vocabulary columns and each example with t >= 1 true
   words in the group, the head's top-t words among the group's columns are
   taken; the recall is the share of the t true words among them, averaged
   over those examples. `chance` is the same for a random ranking of the
-  group (t / group size, averaged), so a group whose words leave no trace in
-  the image sits at chance.
+  group (t / group size, averaged). With `prior_V` (e.g. each word's share
+  of the training prompts), `prior_recall` is the recall of ranking every
+  example's group words by that prior: what a model that sees nothing gets
+  from word frequencies alone. A group whose words leave no trace in the
+  image sits at `prior_recall`.
 
   Returns:
-    group -> {'recall', 'chance', 'num_examples'}; groups with no example
-    that has one of their words are left out.
+    group -> {'recall', 'chance', 'num_examples'[, 'prior_recall']}; groups
+    with no example that has one of their words are left out.
   """
   scores_NxV, labels_NxV = _check_scores_and_labels(scores_NxV, labels_NxV)
   out = {}
@@ -249,4 +252,9 @@ def group_recall(scores_NxV, labels_NxV,
     out[name] = {'recall': float(np.mean(hits / num_true[has])),
                  'chance': float(np.mean(num_true[has] / len(columns))),
                  'num_examples': int(has.sum())}
+    if prior_V is not None:
+      prior = np.broadcast_to(np.asarray(prior_V, np.float64),
+                              scores_NxV.shape)
+      out[name]['prior_recall'] = group_recall(
+          prior, labels_NxV, {name: columns})[name]['recall']
   return out

@@ -168,3 +168,8 @@ def test_group_recall_matches_hand_computed_values():
   # Only row 0 has a shape word (4), ranked first: 1.0; chance 1/2.
   assert out['shape'] == {'recall': 1.0, 'chance': 0.5, 'num_examples': 1}
   assert 'empty' not in out
+  # A prior that ranks column 1 first, then 2, then 0, for every example:
+  # row 0 top-2 colours {1, 2} hold 1 of {0, 2}: 0.5; row 1 top-1 {1}: 0.
+  out = vocab_metrics.group_recall(scores, labels, {'colour': [0, 1, 2]},
+                                   prior_V=np.array([0.1, 0.9, 0.5, 0, 0]))
+  assert out['colour']['prior_recall'] == pytest.approx(0.25)

@@ -12,15 +12,22 @@ from reverse_sd import sharding
 def load_backbone_params(model_config, image_shape: tuple[int, ...]) -> Any:
   """The backbone's params (numpy) converted from `model_config.init_from`.
 
-  Only the CLIP ViT has a converter ('vit': a Hugging Face CLIP folder). The
-  checkpoint's shape must be the configured variant's; position embeddings
-  are interpolated to the input size.
+  'vit': a Hugging Face CLIP folder; the checkpoint's shape must be the
+  configured variant's; position embeddings are interpolated to the input
+  size. 'sd_unet': a diffusers Stable Diffusion folder; its VAE encoder and
+  U-Net encoder ({'vae': ..., 'unet': ...}; the model's shapes were read from
+  the same folder).
   """
   path = model_config.init_from
+  if model_config.backbone == 'sd_unet':
+    # Imported here: only white-box runs need the SD converters.
+    from reverse_sd.models import whitebox  # pylint: disable=g-import-not-at-top
+    return whitebox.load_pretrained(model_config)
   if model_config.backbone != 'vit':
     raise ValueError(
         f'config.model.init_from={path!r}: pretrained weights load into the '
-        f"'vit' backbone (a Hugging Face CLIP folder) only, not "
+        f"'vit' backbone (a Hugging Face CLIP folder) or the 'sd_unet' "
+        f'backbone (a diffusers SD folder) only, not '
         f'{model_config.backbone!r}.')
   # Imported here: only runs that start from a checkpoint need it.
   from reverse_sd.convert import clip  # pylint: disable=g-import-not-at-top

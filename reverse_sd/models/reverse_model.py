@@ -1,6 +1,12 @@
-"""The black-box reverse model: image backbone + head to the prompt embedding."""
+"""The reverse model: image backbone + head to the prompt embedding.
+
+Backbones: the black-box towers ('convnet', 'clip_resnet', 'vit') and the
+paper's white-box 'sd_unet' (`whitebox.WhiteBoxBackbone`: SD VAE latents ->
+U-Net encoder).
+"""
 
 from collections.abc import Sequence
+import pathlib
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -10,19 +16,28 @@ from reverse_sd.models import convnet
 from reverse_sd.models import heads
 from reverse_sd.models import resnet
 from reverse_sd.models import vit
+from reverse_sd.models import whitebox
 
 BACKBONES = {
     'clip_resnet': (resnet.ResNet, resnet.VARIANTS),
     'convnet': (convnet.ConvNet, convnet.VARIANTS),
     'vit': (vit.VisionTransformer, vit.VARIANTS),
 }
+# Built by `whitebox.create_backbone` (shapes from the SD folder or variant).
+WHITEBOX = 'sd_unet'
 
 
 class ReverseModel(nn.Module):
   """uint8 images [B,H,W,3] -> dict(embedding [B,384] unit norm, features).
 
-  Given `features` (a frozen backbone's cached output) instead of images, the
-  backbone is skipped and only the head (and vocabulary head) run.
+  A backbone may split into a frozen and a trainable stage by defining
+  `frozen_stage(x)` and `trainable_stage(z)` (the white-box backbone: VAE
+  latents, then the U-Net); otherwise the whole backbone is the frozen stage
+  and the trainable stage is the identity. `extract_features` runs the frozen
+  stage (what `config.model.frozen_features` caches); given `features` (that
+  cached output) instead of images, the frozen stage is skipped and only the
+  trainable stage, the head (and vocabulary head) run. The output's
+  'features' are the head's input.
 
   With `vocab_size` > 0 the dict also has `word_logits` [B, vocab_size], from
   a Dense layer on the predicted embedding (the paper's choice) or on the
@@ -42,8 +57,7 @@ class ReverseModel(nn.Module):
       raise ValueError('Pass exactly one of images and features.')
     if features is None:
       features = self.extract_features(images_BxHxWx3)
-    else:
-      features = features.astype(self.dtype)
+    features = self.trainable_stage(features.astype(self.dtype))
     out = {'embedding': self.head(features), 'features': features}
     if self.vocab_size:
       source = out['embedding' if self.vocab_head_input == 'embedding'
@@ -54,25 +68,55 @@ class ReverseModel(nn.Module):
     return out
 
   def extract_features(self, images_BxHxWx3):
-    """The backbone's output for uint8 images (normalised here)."""
+    """The backbone's frozen stage for uint8 images (normalised here)."""
     mean = jnp.asarray(self.image_mean, jnp.float32) * 255.0
     std = jnp.asarray(self.image_std, jnp.float32) * 255.0
     x = (images_BxHxWx3.astype(jnp.float32) - mean) / std
-    return self.backbone(x.astype(self.dtype))
+    stage = getattr(self.backbone, 'frozen_stage', None)
+    if stage is None:
+      return self.backbone(x.astype(self.dtype))
+    return stage(x)
+
+  def trainable_stage(self, features):
+    """The backbone's trainable stage on frozen-stage outputs (or identity)."""
+    stage = getattr(self.backbone, 'trainable_stage', None)
+    return features if stage is None else stage(features)
+
+
+def frozen_param_groups(model_config: ml_collections.ConfigDict
+                        ) -> tuple[tuple[str, float], ...]:
+  """Optimiser groups (regex, 0.0) of the parameters that never train.
+
+  The white-box VAE always (the U-Net reads its latents as they are); any
+  other backbone when `frozen_features` caches it.
+  """
+  if model_config.backbone == WHITEBOX:
+    return ((whitebox.VAE_PARAMS, 0.0),)
+  if model_config.frozen_features:
+    return (('^backbone/', 0.0),)
+  return ()
+
+
+def frozen_stage_weights(model_config: ml_collections.ConfigDict) -> str:
+  """The pretrained weights the cached frozen-stage outputs depend on."""
+  if model_config.backbone == WHITEBOX and model_config.init_from:
+    return str(pathlib.Path(model_config.init_from) / whitebox.VAE_SUBFOLDER)
+  return model_config.init_from
 
 
 def create_model(model_config: ml_collections.ConfigDict,
                  embedding_dim: int = 384, *, vocab_size: int = 0,
                  vocab_head_input: str = 'embedding') -> ReverseModel:
   """Builds the model named by `config.model` with clear errors on typos."""
-  if model_config.backbone not in BACKBONES:
+  if model_config.backbone not in (*BACKBONES, WHITEBOX):
     raise ValueError(f'config.model.backbone={model_config.backbone!r}; '
-                     f'expected one of {sorted(BACKBONES)}.')
-  module_cls, variants = BACKBONES[model_config.backbone]
-  if model_config.variant not in variants:
-    raise ValueError(f'config.model.variant={model_config.variant!r} is not a '
-                     f'{model_config.backbone} variant; expected one of '
-                     f'{sorted(variants)}.')
+                     f'expected one of {sorted([*BACKBONES, WHITEBOX])}.')
+  if model_config.backbone in BACKBONES:
+    module_cls, variants = BACKBONES[model_config.backbone]
+    if model_config.variant not in variants:
+      raise ValueError(f'config.model.variant={model_config.variant!r} is not '
+                       f'a {model_config.backbone} variant; expected one of '
+                       f'{sorted(variants)}.')
   try:
     dtype = jnp.dtype(model_config.dtype)
   except TypeError as e:
@@ -87,8 +131,11 @@ def create_model(model_config: ml_collections.ConfigDict,
       raise ValueError('config.model.vit_projection=True needs backbone '
                        f"'vit', not {model_config.backbone!r}.")
     extra['use_projection'] = True
-  backbone = module_cls(variants[model_config.variant], dtype=dtype,
-                        name='backbone', **extra)
+  if model_config.backbone == WHITEBOX:
+    backbone = whitebox.create_backbone(model_config, dtype, name='backbone')
+  else:
+    backbone = module_cls(variants[model_config.variant], dtype=dtype,
+                          name='backbone', **extra)
   head = heads.EmbeddingHead(embedding_dim, tuple(model_config.head_hidden),
                              dtype=dtype, name='head')
   return ReverseModel(backbone, head, tuple(model_config.image_mean),

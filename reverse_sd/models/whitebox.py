@@ -1,0 +1,302 @@
+"""The paper's white-box reverse backbone: the Stable Diffusion U-Net encoder.
+
+Images in [-1, 1] -> the SD VAE's latent mean x scaling factor (the frozen
+stage: it never trains, so `config.model.frozen_features=True` caches it once
+per data set) -> the U-Net's down blocks and mid block at timestep
+`config.model.sd_timestep` (0: the clean latent) with a fixed cross-attention
+context -> the mid block's output max-pooled over space, [B, C_last]. The
+project's `EmbeddingHead` maps that to the 384-d unit-norm prompt embedding.
+
+Parameters live under `backbone/vae/...` (the `VAEEncoder`'s, frozen) and
+`backbone/unet/...` (the `UNetEncoder`'s, fine-tuned). The context is a
+constant of the module, not a parameter:
+
+  'empty'  the generator's own text encoder on the empty prompt
+           (`reverse_sd.text.sd_context`, read from `config.model.init_from`),
+           what SD conditions on for unconditional guidance;
+  'file'   a float [T, D] .npy at `config.model.sd_context_path` (e.g. a
+           precomputed context of another prompt);
+  'zeros'  an all-zero [77, D] context (shape checks, ablations).
+
+With `config.model.sd_noise` > 0 the latent is noised as DDPM's forward
+process does at `sd_timestep`, scaled by `sd_noise`:
+  z_t = sqrt(alpha_bar_t) z_0 + sd_noise sqrt(1 - alpha_bar_t) eps,
+with SD's training schedule (scaled_linear betas 0.00085..0.012, 1000 steps).
+Noise is drawn from the 'noise' rng when the caller passes one (the train
+step does, per step), else from a fixed key (evaluation stays deterministic).
+
+Shapes come from `config.model.init_from` (a diffusers SD pipeline folder)
+when it is set, else from the named variant ('sd1.5', 'sd2.1'). Variant
+'from_weights' takes whatever the folder holds (e.g. the tiny test folder);
+a named variant must match the folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from reverse_sd.models import sd_unet
+from reverse_sd.models import sd_vae
+
+FROM_WEIGHTS = 'from_weights'
+VARIANTS = {
+    'sd1.5': (sd_unet.VARIANTS['sd1.5'], sd_vae.SD_VAE),
+    'sd2.1': (sd_unet.VARIANTS['sd2.1'], sd_vae.SD_VAE),
+}
+# Regex (over '/'-joined parameter paths) of the frozen VAE.
+VAE_PARAMS = '^backbone/vae/'
+VAE_SUBFOLDER = 'vae'
+CONTEXT_KINDS = ('empty', 'file', 'zeros')
+# CLIP's text length: the context SD pipelines feed the U-Net.
+CONTEXT_LENGTH = 77
+# SD 1.x / 2.x training schedule (diffusers DDPMScheduler, scaled_linear).
+NUM_TRAIN_TIMESTEPS = 1000
+BETA_START, BETA_END = 0.00085, 0.012
+
+
+class Constant:
+  """A numpy array held as a module attribute.
+
+  Compared and hashed by identity, so a Flax module holding it stays a
+  hashable dataclass; it is baked into the compiled step as a constant.
+  """
+
+  def __init__(self, array: np.ndarray):
+    self.array = np.array(array, np.float32)
+    self.array.flags.writeable = False
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    return self.array.shape
+
+  def __repr__(self) -> str:
+    return f'Constant(shape={self.array.shape})'
+
+
+def alphas_cumprod() -> np.ndarray:
+  """alpha_bar_t of SD's scaled_linear DDPM schedule, t = 0 .. 999."""
+  betas = np.linspace(BETA_START**0.5, BETA_END**0.5, NUM_TRAIN_TIMESTEPS,
+                      dtype=np.float64)**2
+  return np.cumprod(1.0 - betas)
+
+
+class WhiteBoxBackbone(nn.Module):
+  """SD VAE latents -> U-Net down + mid blocks -> max over space, [B, C].
+
+  `frozen_stage(images)` (= `latents`) and `trainable_stage(latents)`
+  (= `__call__`) split the backbone where `ReverseModel` caches features.
+
+  Attributes:
+    unet_config: the U-Net's shape.
+    vae_config: the VAE encoder's shape.
+    context: the cross-attention context [T, cross_attention_dim].
+    timestep: the U-Net's timestep (0: clean latent).
+    noise_level: scales the DDPM forward-process noise (0: none).
+    dtype: the U-Net's compute dtype. The VAE always runs in float32 (SD
+      VAEs overflow in float16; diffusers' `force_upcast`).
+  """
+  unet_config: sd_unet.UNetConfig
+  vae_config: sd_vae.VAEConfig
+  context: Constant
+  timestep: int = 0
+  noise_level: float = 0.0
+  dtype: jnp.dtype = jnp.float32
+
+  def setup(self):
+    if not 0 <= self.timestep < NUM_TRAIN_TIMESTEPS:
+      raise ValueError(f'config.model.sd_timestep={self.timestep}; expected '
+                       f'an integer in [0, {NUM_TRAIN_TIMESTEPS}).')
+    if self.noise_level < 0:
+      raise ValueError(f'config.model.sd_noise={self.noise_level}; expected '
+                       '>= 0.')
+    expected = self.unet_config.cross_attention_dim
+    if len(self.context.shape) != 2 or self.context.shape[1] != expected:
+      raise ValueError(f'The U-Net context has shape {self.context.shape}; '
+                       f'expected [T, {expected}] (cross_attention_dim).')
+    if self.vae_config.latent_channels != self.unet_config.in_channels:
+      raise ValueError(
+          f'The VAE makes {self.vae_config.latent_channels}-channel latents '
+          f'but the U-Net takes {self.unet_config.in_channels} channels.')
+    self.vae = sd_vae.VAEEncoder(self.vae_config, dtype=jnp.float32)
+    self.unet = sd_unet.UNetEncoder(self.unet_config, dtype=self.dtype)
+
+  def latents(self, images_BxHxWx3):
+    """Scaled VAE latent means [B, H/8, W/8, 4] of images in [-1, 1].
+
+    No gradient flows into the VAE: it is the frozen stage.
+    """
+    factor = self.vae_config.downsample_factor * (
+        self.unet_config.downsample_factor)
+    height, width = images_BxHxWx3.shape[1:3]
+    if height % factor or width % factor:
+      raise ValueError(
+          f'The white-box backbone needs image sides divisible by {factor} '
+          f'(VAE x U-Net downsampling); got {height}x{width}. Set '
+          'config.data.input_size to a multiple of it.')
+    latents = self.vae.latents(images_BxHxWx3.astype(jnp.float32))
+    return jax.lax.stop_gradient(latents)
+
+  def __call__(self, latents_BxHxWxC):
+    """Mid-block features, max-pooled over space: [B, C_last]."""
+    factor = self.unet_config.downsample_factor
+    if (latents_BxHxWxC.ndim != 4 or
+        latents_BxHxWxC.shape[-1] != self.unet_config.in_channels or
+        latents_BxHxWxC.shape[1] % factor or latents_BxHxWxC.shape[2] % factor):
+      raise ValueError(
+          f'The U-Net takes latents [B, H, W, {self.unet_config.in_channels}]'
+          f' with H and W divisible by {factor}; got shape '
+          f'{tuple(latents_BxHxWxC.shape)}.')
+    latents = self._add_noise(latents_BxHxWxC.astype(jnp.float32))
+    batch = latents.shape[0]
+    context = jnp.broadcast_to(jnp.asarray(self.context.array),
+                               (batch, *self.context.shape))
+    features = self.unet(latents.astype(self.dtype), self.timestep,
+                         context.astype(self.dtype))
+    return jnp.max(features, axis=(1, 2))
+
+  def frozen_stage(self, images_BxHxWx3):
+    return self.latents(images_BxHxWx3)
+
+  def trainable_stage(self, latents_BxHxWxC):
+    return self(latents_BxHxWxC)
+
+  def _add_noise(self, latents):
+    if self.noise_level == 0:
+      return latents
+    alpha_bar = float(alphas_cumprod()[self.timestep])
+    key = (self.make_rng('noise') if self.has_rng('noise')
+           else jax.random.key(0))
+    noise = jax.random.normal(key, latents.shape, jnp.float32)
+    return (np.sqrt(alpha_bar) * latents +
+            self.noise_level * np.sqrt(1.0 - alpha_bar) * noise)
+
+
+# --- Building from config.model -----------------------------------------------
+
+
+def check_sd_folder(path: str | pathlib.Path) -> pathlib.Path:
+  """`path` as a diffusers SD pipeline folder, or a clear error."""
+  root = pathlib.Path(path)
+  if not root.is_dir():
+    raise FileNotFoundError(
+        f'config.model.init_from={str(path)!r}: no such folder (the '
+        "white-box backbone 'sd_unet' reads a diffusers Stable Diffusion "
+        'folder with unet/ and vae/ subfolders).')
+  missing = [sub for sub in ('unet', VAE_SUBFOLDER)
+             if not (root / sub).is_dir()]
+  if missing:
+    found = sorted(p.name for p in root.iterdir())[:10]
+    hint = ''
+    if (root / 'config.json').is_file() and 'clip' in (
+        root / 'config.json').read_text().lower():
+      hint = (" It looks like a CLIP checkpoint: that is the 'vit' "
+              "backbone's init_from, not the 'sd_unet' backbone's.")
+    raise FileNotFoundError(
+        f'config.model.init_from={str(path)!r} is not a diffusers Stable '
+        f'Diffusion folder: no {"/, ".join(missing)}/ subfolder (found '
+        f'{found}).{hint} Save one with StableDiffusionPipeline'
+        '.save_pretrained(dir, safe_serialization=True).')
+  return root
+
+
+def _differences(found, expected) -> list[str]:
+  found, expected = dataclasses.asdict(found), dataclasses.asdict(expected)
+  return [f'{k}: folder {found[k]}, variant {expected[k]}' for k in expected
+          if found[k] != expected[k]]
+
+
+def read_configs(model_config) -> tuple[sd_unet.UNetConfig, sd_vae.VAEConfig]:
+  """The (U-Net, VAE) shapes of `config.model` (see the module doc)."""
+  # Imported here: the converter pulls in safetensors and its tables.
+  from reverse_sd.convert import sd  # pylint: disable=g-import-not-at-top
+  variant, path = model_config.variant, model_config.init_from
+  if variant != FROM_WEIGHTS and variant not in VARIANTS:
+    raise ValueError(f'config.model.variant={variant!r} is not an sd_unet '
+                     f'variant; expected one of '
+                     f'{sorted(VARIANTS) + [FROM_WEIGHTS]}.')
+  if not path:
+    if variant == FROM_WEIGHTS:
+      raise ValueError(f"config.model.variant='{FROM_WEIGHTS}' reads the "
+                       'shapes from config.model.init_from, which is empty.')
+    return VARIANTS[variant]
+  root = check_sd_folder(path)
+  unet_config, vae_config = sd.read_unet_config(root), sd.read_vae_config(root)
+  if variant != FROM_WEIGHTS:
+    differ = (_differences(unet_config, VARIANTS[variant][0]) +
+              _differences(vae_config, VARIANTS[variant][1]))
+    if differ:
+      raise ValueError(
+          f'The SD folder {path} is not an {variant} model '
+          f'({"; ".join(differ[:6])}). Set config.model.variant to match it '
+          f"(or '{FROM_WEIGHTS}').")
+  return unet_config, vae_config
+
+
+def load_context(model_config, unet_config: sd_unet.UNetConfig) -> np.ndarray:
+  """The U-Net's cross-attention context [T, D] named by config.model."""
+  kind = model_config.get('sd_context', 'empty')
+  dim = unet_config.cross_attention_dim
+  if kind == 'empty':
+    if not model_config.init_from:
+      raise ValueError(
+          "config.model.sd_context='empty' runs the SD folder's text encoder "
+          'on the empty prompt, but config.model.init_from is empty. Set it, '
+          "or use sd_context='file' with config.model.sd_context_path.")
+    # Imported here: only this context needs the SD text encoder.
+    from reverse_sd.text import sd_context  # pylint: disable=g-import-not-at-top
+    context = np.asarray(sd_context.empty_prompt_context(
+        model_config.init_from))
+    where = f'the empty-prompt context of {model_config.init_from}'
+  elif kind == 'file':
+    path = model_config.get('sd_context_path', '')
+    if not path:
+      raise ValueError("config.model.sd_context='file' needs "
+                       'config.model.sd_context_path (a .npy [T, D]).')
+    try:
+      context = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+      raise ValueError(f'config.model.sd_context_path={path!r}: not a '
+                       f'readable .npy ({type(e).__name__}: {e}).') from e
+    where = path
+  elif kind == 'zeros':
+    context = np.zeros((CONTEXT_LENGTH, dim), np.float32)
+    where = 'zeros'
+  else:
+    raise ValueError(f'config.model.sd_context={kind!r}; expected one of '
+                     f'{CONTEXT_KINDS}.')
+  if context.ndim == 3 and context.shape[0] == 1:
+    context = context[0]
+  if context.ndim != 2 or context.shape[1] != dim:
+    raise ValueError(f'{where}: context of shape {context.shape}; the U-Net '
+                     f'needs [T, {dim}] (its cross_attention_dim).')
+  if not np.all(np.isfinite(context)):
+    raise ValueError(f'{where}: the context has non-finite values.')
+  return context.astype(np.float32)
+
+
+def create_backbone(model_config, dtype, name: str = 'backbone'
+                    ) -> WhiteBoxBackbone:
+  """The white-box backbone `config.model` describes."""
+  unet_config, vae_config = read_configs(model_config)
+  return WhiteBoxBackbone(
+      unet_config, vae_config,
+      Constant(load_context(model_config, unet_config)),
+      timestep=int(model_config.get('sd_timestep', 0)),
+      noise_level=float(model_config.get('sd_noise', 0.0)), dtype=dtype,
+      name=name)
+
+
+def load_pretrained(model_config) -> dict[str, Any]:
+  """{'vae': ..., 'unet': ...} params (numpy) from `config.model.init_from`."""
+  from reverse_sd.convert import sd  # pylint: disable=g-import-not-at-top
+  root = check_sd_folder(model_config.init_from)
+  _, vae_params = sd.load_vae_encoder(root)
+  _, unet_params = sd.load_unet_encoder(root)
+  return {'vae': vae_params, 'unet': unet_params}
