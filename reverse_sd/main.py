@@ -59,7 +59,6 @@ _NUM_PROCESSES = flags.DEFINE_integer(
 _PROCESS_ID = flags.DEFINE_integer(
     'process_id', None, 'This process, 0 .. num_processes-1 (with '
     '--coordinator_address).', lower_bound=0)
-flags.mark_flags_as_required(['config', 'workdir'])
 
 
 class _ProjectInfoFilter(std_logging.Filter):
@@ -111,4 +110,7 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  # Required only when run: importing this module (tests, tools) must not
+  # add validators to the global flags other entry points parse.
+  flags.mark_flags_as_required(['config', 'workdir'])
   app.run(main)
