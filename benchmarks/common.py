@@ -44,12 +44,21 @@ CASES: dict[str, dict[str, Any]] = {
     # CLIP ViT-L/14 at 224 px: accelerators only (benchmarks/gpu.sh).
     'vit_l14': dict(backbone='vit', variant='L/14', image_size=224,
                     train_batch=128, infer_batch=256),
+    # The white-box SD 2.1 U-Net encoder (down blocks + mid block, 1024-d
+    # context) fine-tuned on cached VAE latents of 512-px images (64x64x4),
+    # as configs/diffusiondb_unet.py:sd=2.1,size=512 trains it; JAX only.
+    'sd21_unet': dict(backbone='sd_unet', variant='sd2.1', image_size=512,
+                      train_batch=1, infer_batch=2),
 }
 QUICK_IMAGE_SIZE = 32
 QUICK_BATCH = 4
 QUICK_WARMUP = 2
 QUICK_STEPS = 3
-QUICK_VARIANTS = {'vit': 'tiny'}
+QUICK_VARIANTS = {'vit': 'tiny', 'sd_unet': 'from_weights'}
+# --quick runs the white-box case on the tiny SD test folder.
+QUICK_SD_WEIGHTS = 'tests/golden/tiny_sd'
+# The white-box backbone trains on latents; torch rows are not implemented.
+JAX_ONLY_BACKBONES = ('sd_unet',)
 
 
 def parse_cases(text: str, quick: bool = False) -> list[dict[str, Any]]:
@@ -78,6 +87,8 @@ def parse_cases(text: str, quick: bool = False) -> list[dict[str, Any]]:
                   infer_batch=QUICK_BATCH, quick=True,
                   variant=QUICK_VARIANTS.get(case['backbone'],
                                              case['variant']))
+      if case['backbone'] == 'sd_unet':
+        case['init_from'] = QUICK_SD_WEIGHTS
     cases.append(case)
   if not cases:
     raise SystemExit('--cases is empty.')

@@ -70,10 +70,14 @@ def make_spec(case: dict[str, Any], args) -> dict[str, Any]:
   from configs import synthetic
   from reverse_sd.models import reverse_model
   config = synthetic.get_config('')
-  _, variants = reverse_model.BACKBONES[case['backbone']]
+  if case['backbone'] == reverse_model.WHITEBOX:
+    unet_config, _ = _whitebox_configs(case)
+    shape = dataclasses.asdict(unet_config)
+  else:
+    _, variants = reverse_model.BACKBONES[case['backbone']]
+    shape = dataclasses.asdict(variants[case['variant']])
   return dict(
-      case, dtype=args.dtype, seed=0, embedding_dim=384,
-      shape=dataclasses.asdict(variants[case['variant']]),
+      case, dtype=args.dtype, seed=0, embedding_dim=384, shape=shape,
       head_hidden=list(config.model.head_hidden),
       image_mean=list(config.model.image_mean),
       image_std=list(config.model.image_std),
@@ -81,19 +85,51 @@ def make_spec(case: dict[str, Any], args) -> dict[str, Any]:
       optim={k: config.optim[k] for k in ('lr', 'b1', 'b2', 'weight_decay',
                                           'grad_clip_norm')},
       warmup=args.warmup, steps=args.steps, infer_warmup=args.infer_warmup,
-      infer_steps=args.infer_steps, threads=args.threads)
+      infer_steps=args.infer_steps, threads=args.threads,
+      conv_grad=getattr(args, 'conv_grad', 'auto'))
 
 
 def _config_for(spec: dict[str, Any]):
-  """configs/synthetic.py with the spec's backbone, variant and dtype."""
+  """configs/synthetic.py with the spec's backbone, variant and dtype.
+
+  The white-box backbone gets an all-zero context of the right width (the
+  same compute as the empty-prompt context, without a text encoder).
+  """
   # pylint: disable=g-import-not-at-top
   from configs import synthetic
   config = synthetic.get_config('')
   config.model.backbone = spec['backbone']
   config.model.variant = spec['variant']
   config.model.dtype = spec['dtype']
+  config.model.conv_grad = spec.get('conv_grad', 'auto')
   config.vocab.loss_weight = 0.0
+  if spec['backbone'] == 'sd_unet':
+    config.model.sd_context = 'zeros'
+    config.model.init_from = str(REPO / spec['init_from']) if spec.get(
+        'init_from') else ''
   return config
+
+
+def _whitebox_configs(case: dict[str, Any]):
+  """(U-Net, VAE) shapes of a white-box case."""
+  # pylint: disable=g-import-not-at-top
+  from reverse_sd.models import whitebox
+  config = _config_for(dict(case, dtype='float32'))
+  return whitebox.read_configs(config.model)
+
+
+def _model_inputs(spec: dict[str, Any], rng, batch: int) -> dict[str, Any]:
+  """Random inputs: uint8 images, or for the white-box backbone the cached
+  VAE latents it trains on ([B, H/f, W/f, C], f the VAE's downsampling)."""
+  # pylint: disable=g-import-not-at-top
+  import numpy as np
+  images, targets = _random_batch(rng, batch, spec['image_size'])
+  if spec['backbone'] != 'sd_unet':
+    return {'image': images}, targets
+  _, vae_config = _whitebox_configs(spec)
+  side = spec['image_size'] // vae_config.downsample_factor
+  latents = rng.normal(size=(batch, side, side, vae_config.latent_channels))
+  return {'features': latents.astype(np.float32)}, targets
 
 
 # ---------------------------------------------------------------------------
@@ -120,10 +156,13 @@ def _flops(compiled) -> float | None:
   return float(flops) if flops is not None and flops > 0 else None
 
 
-def measure_jax(spec: dict[str, Any], devices=None) -> dict[str, Any]:
-  """Train and inference throughput of the project's JAX step for `spec`.
+def build_jax(spec: dict[str, Any], devices=None) -> dict[str, Any]:
+  """The project's model, sharded train state, train and predict steps and
+  random batches for `spec`, as the trainer builds them.
 
-  `devices` (default: all) make the mesh; batches are global.
+  Returns a dict: config, mesh, model, state, shardings, step (jitted,
+  state-donating), batch (global), predict (jitted), infer_batch, result
+  (the description every worker reports).
   """
   # pylint: disable=g-import-not-at-top
   import jax
@@ -140,16 +179,23 @@ def measure_jax(spec: dict[str, Any], devices=None) -> dict[str, Any]:
                             devices=devices)
   num_devices = mesh.devices.size
   model = reverse_model.create_model(config.model)
-  tx, schedule = optim.create_optimizer(config.optim, total_steps=1000)
+  # As train.py: a frozen stage (the white-box VAE) is never updated.
+  tx, schedule = optim.create_optimizer(
+      config.optim, total_steps=1000,
+      extra_groups=reverse_model.frozen_param_groups(config.model))
   image_shape = (spec['image_size'], spec['image_size'], 3)
+  if spec['backbone'] == reverse_model.WHITEBOX:
+    # Parameter shapes do not depend on the image size: initialise small.
+    unet_config, vae_config = _whitebox_configs(spec)
+    side = vae_config.downsample_factor * unet_config.downsample_factor
+    image_shape = (side, side, 3)
   state, shardings = state_lib.create_train_state(
       model, tx, image_shape, jax.random.key(spec['seed']), mesh)
   step = train.make_train_step(model, config.loss, schedule, mesh, shardings)
   rng = np.random.default_rng(spec['seed'])
-  images, targets = _random_batch(rng, spec['train_batch'],
-                                  spec['image_size'])
-  batch = sharding.host_to_global({'image': images, 'embedding': targets},
-                                  mesh)
+  inputs, targets = _model_inputs(spec, rng, spec['train_batch'])
+  batch = sharding.host_to_global(dict(inputs, embedding=targets), mesh)
+  infer_inputs, _ = _model_inputs(spec, rng, spec['infer_batch'])
   result = {'framework': 'jax', 'case': spec['name'], 'dtype': spec['dtype'],
             'jax_version': jax.__version__,
             'backend': jax.default_backend(),
@@ -157,6 +203,25 @@ def measure_jax(spec: dict[str, Any], devices=None) -> dict[str, Any]:
             'num_devices': int(num_devices), 'cores': len(common.cores()),
             'param_count': int(sum(x.size for x in
                                    jax.tree.leaves(state.params)))}
+  return dict(config=config, mesh=mesh, model=model, state=state,
+              shardings=shardings, step=step, batch=batch,
+              predict=evaluate.make_predict_step(model, mesh,
+                                                 shardings.params),
+              infer_batch=sharding.host_to_global(infer_inputs, mesh),
+              result=result)
+
+
+def measure_jax(spec: dict[str, Any], devices=None) -> dict[str, Any]:
+  """Train and inference throughput of the project's JAX step for `spec`.
+
+  `devices` (default: all) make the mesh; batches are global.
+  """
+  # pylint: disable=g-import-not-at-top
+  import jax
+  built = build_jax(spec, devices)
+  state, batch, step = built['state'], built['batch'], built['step']
+  num_devices = built['mesh'].devices.size
+  result = built['result']
 
   start = time.perf_counter()
   lowered = step.lower(state, batch)
@@ -181,11 +246,9 @@ def measure_jax(spec: dict[str, Any], devices=None) -> dict[str, Any]:
       final_loss=float(holder['metrics'].compute()['loss']))
   result['peak_rss_mb_after_train'] = common.peak_rss_mb()
 
-  predict = evaluate.make_predict_step(model, mesh, shardings.params)
+  predict = built['predict']
   params = holder['state'].params
-  infer_images, _ = _random_batch(rng, spec['infer_batch'],
-                                  spec['image_size'])
-  infer_batch = sharding.host_to_global({'image': infer_images}, mesh)
+  infer_batch = built['infer_batch']
   start = time.perf_counter()
   compiled_predict = predict.lower(params, infer_batch).compile()
   infer_compile_s = time.perf_counter() - start
@@ -424,6 +487,11 @@ def _parse_args(argv=None):
                       help='compute dtype (config.model.dtype); params stay '
                       'float32')
   parser.add_argument('--matmul_size', type=int, default=2048)
+  parser.add_argument('--conv_grad', default='auto',
+                      choices=('auto', 'xla', 'matmul'),
+                      help="JAX convolution gradients (config.model."
+                      "conv_grad); 'xla' shows the speed before "
+                      'models/conv.py')
   parser.add_argument('--threads', type=int, default=len(common.cores()),
                       help='cores per worker: pinned to the first N, '
                       'torch.set_num_threads(N), BLAS/OpenMP threads N')
@@ -493,11 +561,13 @@ def main(argv=None) -> None:
   payload['matmul_peak'] = {'start': _matmul_peak(args, 'start')}
   for case in common.parse_cases(args.cases, args.quick):
     spec = make_spec(case, args)
-    entry = {'spec': spec, 'runs': {f: [] for f in frameworks}}
-    if args.verify and any(f.startswith('torch') for f in frameworks):
+    case_frameworks = [f for f in frameworks if f == 'jax' or
+                       case['backbone'] not in common.JAX_ONLY_BACKBONES]
+    entry = {'spec': spec, 'runs': {f: [] for f in case_frameworks}}
+    if args.verify and any(f.startswith('torch') for f in case_frameworks):
       entry['verify'] = _verify(spec, args)
     for round_index in range(args.rounds):
-      for framework in frameworks:
+      for framework in case_frameworks:
         label = f'{spec["name"]} {framework} round {round_index + 1}'
         if framework == 'jax':
           command = _jax_command('jax', spec=json.dumps(spec))

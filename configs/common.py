@@ -45,6 +45,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.model.variant = 'small'  # Named shape of the backbone.
   config.model.head_hidden = ()  # MLP widths before the 384-d projection.
   config.model.dtype = 'float32'  # Compute dtype; parameters stay float32.
+  # Convolution gradients of 'convnet' / 'clip_resnet' (models/conv.py):
+  # 'auto' (matrix products on CPU, XLA's own on accelerators), 'xla',
+  # 'matmul'. The same function either way; only the speed differs.
+  config.model.conv_grad = 'auto'
   config.model.image_mean = (0.48145466, 0.4578275, 0.40821073)  # CLIP.
   config.model.image_std = (0.26862954, 0.26130258, 0.27577711)
   # A local pretrained checkpoint for the backbone (for 'vit': a Hugging Face
@@ -60,8 +64,12 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.model.frozen_features = False
   # White-box backbone ('sd_unet') only: the U-Net's cross-attention context
   # ('empty': the SD text encoder on the empty prompt, from init_from;
-  # 'file': a .npy [T, D] at sd_context_path; 'zeros'), its timestep, and
-  # the DDPM forward-process noise added to the latent (0: clean latent).
+  # 'file': a .npy [T, D] at sd_context_path; 'zeros'; 'caption': per
+  # example, the SD text encoder on the example's own prompt, cached once per
+  # split; it shows the model the prompt to predict, so it is an upper-bound
+  # analysis setting, and predict.py refuses it), its timestep, and the DDPM
+  # forward-process noise added to the latent (0: clean latent). The allowed
+  # kinds are checked by models/whitebox.py (CONTEXT_KINDS).
   config.model.sd_context = 'empty'
   config.model.sd_context_path = ''
   config.model.sd_timestep = 0
@@ -135,8 +143,20 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.mesh = ml_collections.ConfigDict()
   config.mesh.axes = ('data',)
   config.mesh.shape = (-1,)
-  # (regex over the '/'-joined parameter path, partition spec) pairs; the
-  # first match wins and parameters that match none are replicated.
+  # (regex over the '/'-joined parameter path below `params`, e.g.
+  # 'backbone/layers_3/fc1/kernel', partition spec) pairs; the first match
+  # wins and takes precedence over the preset; the optimiser moments follow
+  # their parameter.
   config.mesh.param_rules = ()
+  # Named layout of the parameters (reverse_sd/sharding.py): '' (param_rules
+  # only, the rest replicated); 'fsdp' (ZeRO-3: every array of at least
+  # fsdp_min_size elements split over fsdp_axis along its largest dimension
+  # that the axis divides); 'tensor_parallel' (the models' Megatron-style
+  # PARTITION_RULES on a 'model' axis: --config.mesh.axes="('data','model')"
+  # --config.mesh.shape="(-1,4)"); 'fsdp+tensor_parallel' (both: FSDP also
+  # splits a free dimension of the tensor-parallel arrays).
+  config.mesh.param_preset = ''
+  config.mesh.fsdp_axis = 'data'
+  config.mesh.fsdp_min_size = 2**16
 
   return config

@@ -16,7 +16,13 @@ at a tenth of the head's learning rate; the VAE never trains.
               for the empty-prompt context, text_encoder/ + tokenizer/;
               safetensors weights).
   context     empty (default: the SD text encoder on the empty prompt),
-              zeros, or the path of a .npy [77, D] context.
+              zeros, caption, or the path of a .npy [77, D] context.
+              caption: per example, the SD text encoder on that example's
+              own prompt (computed once per split and cached beside the
+              data; needs text_encoder/ + tokenizer/ in weights). It gives
+              the model the very prompt it is asked to predict, so it is an
+              upper-bound / analysis setting, not a reverse model; such a
+              run cannot predict new images (reverse_sd.predict refuses).
   size        image side in pixels, a multiple of 64 (default 256; SD was
               trained at 512 (1.5) / 768 (2.1)).
   data_dir    where the built TFDS data set lives (or is built).
@@ -63,7 +69,7 @@ def _parse(arg: str) -> dict[str, str]:
 
 
 def _set_context(model: ml_collections.ConfigDict, context: str) -> None:
-  if context in ('empty', 'zeros'):
+  if context in ('empty', 'zeros', 'caption'):
     model.sd_context = context
   else:
     model.sd_context = 'file'

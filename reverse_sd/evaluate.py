@@ -5,9 +5,15 @@ For each split: `cosine` (the model's mean cosine to the true embedding),
 set carries ground-truth attributes, `oracle_cosine` (ridge regression from
 the multi-hot rendered attributes to the embedding, fitted on train with the
 ridge strength chosen on validation: perfect perception, linear read-out).
+
+A model that reads per-example caption contexts (the white-box backbone with
+sd_context='caption') gets them from the split (`SplitData.context`); a
+split loaded without them (analysis of a restored run) has them computed
+here, once, by `feature_cache.caption_contexts`.
 """
 
 from collections.abc import Callable, Sequence
+import dataclasses
 import logging
 import time
 from typing import Any
@@ -17,43 +23,82 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 import numpy as np
 
+from reverse_sd import feature_cache
 from reverse_sd import sharding
 from reverse_sd import vocab_metrics
 from reverse_sd.data import pipeline
+from reverse_sd.models import whitebox
+
+
+# Batch keys the model reads (`model_inputs`); the rest are targets.
+INPUT_KEYS = ('image', 'features', 'context')
+# Attribute of `make_predict_step`'s function: the SD folder whose text
+# encoder makes the per-example contexts the model reads ('' if none).
+CAPTION_SOURCE_ATTR = 'caption_encoder_dir'
 
 
 def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
-  """The model's keyword inputs of a batch: images, or cached features."""
+  """The model's keyword inputs of a batch: images, or cached features, and
+  the per-example context when the batch carries one."""
   if 'features' in batch:
-    return {'features': batch['features']}
-  return {'images_BxHxWx3': batch['image']}
+    inputs = {'features': batch['features']}
+  else:
+    inputs = {'images_BxHxWx3': batch['image']}
+  if 'context' in batch:
+    inputs['context'] = batch['context']
+  return inputs
+
+
+def caption_encoder_dir(model) -> str:
+  """The SD folder whose text encoder makes the per-example contexts that
+  `model` reads (sd_context='caption'), or '' for a model that reads none."""
+  backbone = getattr(model, 'backbone', None)
+  if isinstance(backbone, whitebox.WhiteBoxBackbone) and (
+      backbone.context is None):
+    return backbone.caption_encoder_dir
+  return ''
 
 
 def make_predict_step(model, mesh: Mesh, params_shardings: Any) -> Callable:
-  """Jitted (params, {'image' or 'features': batch}) -> unit-norm embeddings
-  (and word logits), sharded by batch."""
+  """Jitted (params, {'image' or 'features'[, 'context']: batch}) -> unit-norm
+  embeddings (and word logits), sharded by batch.
+
+  The function's `caption_encoder_dir` attribute (`CAPTION_SOURCE_ATTR`)
+  names the SD folder of the contexts the model reads ('' if none).
+  """
   batch_sharding = sharding.batch_sharding(mesh)
 
   def predict(params, inputs):
     out = model.apply({'params': params}, **model_inputs(inputs))
     return {k: out[k] for k in ('embedding', 'word_logits') if k in out}
 
-  return jax.jit(predict, in_shardings=(params_shardings, batch_sharding),
+  step = jax.jit(predict, in_shardings=(params_shardings, batch_sharding),
                  out_shardings=batch_sharding)
+  setattr(step, CAPTION_SOURCE_ATTR, caption_encoder_dir(model))
+  return step
 
 
 def predict_split(predict_step: Callable, params: Any,
                   split: pipeline.SplitData, *, mesh: Mesh,
                   global_batch_size: int) -> dict[str, np.ndarray]:
   """Model outputs of a split in data-source order: 'embedding' [N, D] and,
-  with a vocabulary head, 'word_logits' [N, V]."""
+  with a vocabulary head, 'word_logits' [N, V].
+
+  A model that reads caption contexts, given a split without them, gets them
+  from `feature_cache.caption_contexts` (computed once and cached under
+  `$REVERSE_SD_CACHE_DIR`; see `feature_cache.caption_cache_root`).
+  """
   sharding.check_batch_divisible(global_batch_size, mesh)
-  input_key = 'features' if split.features is not None else 'image'
+  encoder_dir = getattr(predict_step, CAPTION_SOURCE_ATTR, '')
+  if encoder_dir and split.context is None:
+    split = dataclasses.replace(split, context=feature_cache.caption_contexts(
+        encoder_dir, split, feature_cache.caption_cache_root()))
   preds = {}
   for batch in pipeline.eval_batches(
       split, global_batch_size=global_batch_size,
       process_index=jax.process_index(), process_count=jax.process_count()):
-    inputs = sharding.host_to_global({input_key: batch[input_key]}, mesh)
+    inputs = sharding.host_to_global(
+        {k: batch[k] for k in INPUT_KEYS if k in batch}, mesh)
     index = sharding.host_to_global({'index': batch['index']}, mesh)['index']
     out = multihost_utils.process_allgather(predict_step(params, inputs),
                                             tiled=True)

@@ -8,8 +8,20 @@ whole tower; the VAE) runs once over every split; its outputs are kept as
 where `key` digests everything that determines them (backbone, variant,
 weights files, input size, data set). A rerun or a sweep over the trainable
 part's hyperparameters reuses them.
+
+The white-box backbone with `config.model.sd_context='caption'` also reads,
+per example, the SD text encoder's context of the example's own prompt
+(`pipe.encode_prompt(prompt)`, [77, D]). `attach_caption_contexts` computes
+them once per split, independently of the features above, and keeps them as
+float16 `{cache_root}/sd_captions/{split}-{key}.npy` [N, 77, D] (with a .json
+saying what they were computed from), where `key` digests the text encoder
+and tokenizer files (path, size, mtime), the split's name and its prompts in
+order (the data identity: the contexts are a function of them alone). Files
+are written under a temporary name and renamed when complete, and read back
+memory-mapped.
 """
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -25,9 +37,19 @@ from jax.sharding import Mesh
 import numpy as np
 
 from reverse_sd import sharding
+from reverse_sd.data import datasets
 from reverse_sd.data import pipeline
+from reverse_sd.models import reverse_model
+from reverse_sd.models import whitebox
 
 CACHE_DIR_NAME = 'reverse_sd_features'
+# Subfolder of the feature cache with the caption contexts.
+CAPTION_CACHE_DIR_NAME = 'sd_captions'
+CAPTION_DTYPE = np.float16
+# Bump when the caption computation changes, so old files are not reused.
+_CAPTION_FORMAT = 1
+# Prompts encoded per pass before their contexts go to the file.
+_CAPTION_CHUNK = 4096
 
 
 def cache_key(model_config, data_identity: str, input_shape: tuple[int, ...],
@@ -75,6 +97,7 @@ def compute_features(feature_step: Callable, params: Any,
                      split: pipeline.SplitData, *, mesh: Mesh,
                      global_batch_size: int) -> np.ndarray:
   """float32 [N, ...] frozen-stage outputs of a split, in data-source order."""
+  split = dataclasses.replace(split, context=None)  # Only images are read.
   out = None
   for batch in pipeline.eval_batches(
       split, global_batch_size=global_batch_size,
@@ -121,3 +144,143 @@ def load_or_compute(cache_dir: pathlib.Path, split: pipeline.SplitData,
                features.shape[1:], len(split), split.name,
                time.time() - start, path)
   return features
+
+
+# --- Per-example caption contexts (sd_context='caption') ---------------------
+
+
+def prompts_digest(prompts) -> str:
+  """Hex digest of a sequence of prompts, in order."""
+  digest = hashlib.sha256()
+  for prompt in prompts:
+    data = str(prompt).encode('utf-8')
+    digest.update(len(data).to_bytes(8, 'little'))
+    digest.update(data)
+  return digest.hexdigest()
+
+
+def caption_cache_key(encoder_dir: str | os.PathLike[str],
+                      split: pipeline.SplitData) -> str:
+  """A digest of what a split's caption contexts depend on: the text encoder
+  and tokenizer files (path, size, mtime), the split's name and prompts."""
+  # Imported here: only the caption contexts need the SD text encoder.
+  from reverse_sd.text import sd_context  # pylint: disable=g-import-not-at-top
+  description = {'format': _CAPTION_FORMAT,
+                 'text_encoder': sd_context.cache_key(encoder_dir),
+                 'split': split.name, 'num_examples': len(split),
+                 'prompts': prompts_digest(split.table.prompts)}
+  text = json.dumps(description, sort_keys=True)
+  return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def caption_cache_root() -> pathlib.Path:
+  """Where `evaluate.predict_split` keeps the caption contexts of splits that
+  came without them (no data config at hand): `$REVERSE_SD_CACHE_DIR/
+  sd_context/captions`, else ~/.cache/reverse_sd/sd_context/captions."""
+  from reverse_sd.text import sd_context  # pylint: disable=g-import-not-at-top
+  return sd_context.cache_dir() / 'captions'
+
+
+def _read_contexts(path: pathlib.Path, split: pipeline.SplitData,
+                   width: int) -> np.ndarray:
+  try:
+    contexts = np.load(path, allow_pickle=False, mmap_mode='r')
+  except Exception as e:  # pylint: disable=broad-except
+    raise ValueError(f'The caption context cache {path} is unreadable '
+                     f'({type(e).__name__}: {e}). Delete it to recompute.'
+                    ) from e
+  if (contexts.dtype != CAPTION_DTYPE or contexts.ndim != 3 or
+      len(contexts) != len(split) or contexts.shape[2] != width):
+    raise ValueError(
+        f'The caption context cache {path} holds {contexts.dtype} '
+        f'{contexts.shape}; split {split.name!r} needs float16 '
+        f'[{len(split)}, T, {width}]. Delete it to recompute.')
+  return contexts
+
+
+def _encode_to_file(encoder, prompts, path: pathlib.Path,
+                    batch_size: int) -> None:
+  """Writes the float16 contexts of `prompts` to the .npy `path`, a chunk at
+  a time (a large split's contexts need not fit in RAM)."""
+  shape = (len(prompts), encoder.tokenizer.max_length, encoder.config.width)
+  out = np.lib.format.open_memmap(path, mode='w+', dtype=CAPTION_DTYPE,
+                                  shape=shape)
+  for start in range(0, len(prompts), _CAPTION_CHUNK):
+    chunk = [str(p) for p in prompts[start:start + _CAPTION_CHUNK]]
+    out[start:start + len(chunk)] = encoder.encode(chunk,
+                                                   batch_size=batch_size)
+  out.flush()
+  del out  # Closes the memory map.
+
+
+def caption_contexts(encoder_dir: str | os.PathLike[str],
+                     split: pipeline.SplitData, cache_root: pathlib.Path, *,
+                     batch_size: int = 64) -> np.ndarray:
+  """The split's caption contexts, float16 [N, 77, D], memory-mapped.
+
+  Row i is `sd_context.encode_prompts(encoder_dir, [prompt_i])[0]` in
+  float16. Computed once and cached under `cache_root` (see the module
+  docstring); later calls read the file. Every process computes them; the
+  first one publishes the file.
+
+  Raises:
+    FileNotFoundError: `encoder_dir` has no text_encoder/ or tokenizer/.
+    ValueError: the cached file is unreadable or has the wrong shape (the
+      message names it).
+  """
+  # Imported here: only the caption contexts need the SD text encoder.
+  from reverse_sd.convert import clip_text  # pylint: disable=g-import-not-at-top
+  from reverse_sd.text import sd_context  # pylint: disable=g-import-not-at-top
+  encoder_dir = pathlib.Path(encoder_dir)
+  key = caption_cache_key(encoder_dir, split)
+  path = cache_root / f'{split.name}-{key}.npy'
+  if path.exists():
+    width = clip_text.read_config(
+        encoder_dir / sd_context.TEXT_ENCODER_SUBFOLDER).width
+    return _read_contexts(path, split, width)
+  start = time.time()
+  encoder = sd_context.SDTextEncoder(encoder_dir)
+  cache_root.mkdir(parents=True, exist_ok=True)
+  # A killed run leaves only this temporary file, which is never read.
+  tmp = cache_root / (f'{path.stem}.tmp-{jax.process_index()}-'
+                      f'{os.getpid()}.npy')
+  try:
+    _encode_to_file(encoder, split.table.prompts, tmp, batch_size)
+    if jax.process_index() == 0:
+      description = {'sd_dir': str(encoder_dir.resolve()),
+                     'split': split.name, 'num_examples': len(split),
+                     'what': 'StableDiffusionPipeline.encode_prompt(prompt) '
+                             'of each example, float16'}
+      info = path.with_suffix('.json')
+      info_tmp = info.with_name(f'{info.name}.tmp-{os.getpid()}')
+      info_tmp.write_text(json.dumps(description, indent=2) + '\n')
+      os.replace(info_tmp, info)
+      os.replace(tmp, path)
+      contexts = _read_contexts(path, split, encoder.config.width)
+    else:
+      # Its own copy: the cache may not be on storage all processes share.
+      # The map stays valid when the file is unlinked below.
+      contexts = _read_contexts(tmp, split, encoder.config.width)
+  finally:
+    tmp.unlink(missing_ok=True)
+  logging.info('Cached the caption contexts %s of %d %s prompts in %.1f s '
+               'at %s', contexts.shape[1:], len(split), split.name,
+               time.time() - start, path)
+  return contexts
+
+
+def attach_caption_contexts(config, splits: dict[str, pipeline.SplitData]
+                            ) -> dict[str, pipeline.SplitData]:
+  """With `config.model.sd_context='caption'` (white-box backbone): every
+  split with its caption contexts (`caption_contexts`, cached in the feature
+  cache beside the data); otherwise `splits` as they are."""
+  model_config = config.model
+  if (model_config.backbone != reverse_model.WHITEBOX or
+      model_config.get('sd_context', 'empty') != whitebox.CAPTION):
+    return splits
+  encoder_dir = whitebox.check_caption_encoder(model_config)
+  cache_root = (datasets.resolve_data_dir(config.data) / CACHE_DIR_NAME /
+                CAPTION_CACHE_DIR_NAME)
+  return {name: dataclasses.replace(split, context=caption_contexts(
+      encoder_dir, split, cache_root, batch_size=config.text.batch_size))
+          for name, split in splits.items()}

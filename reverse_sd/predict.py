@@ -22,6 +22,10 @@ An image that cannot be read, or has more than --max_pixels pixels (a
 decompression bomb), gets `{"path": ..., "error": ...}` and the others are
 still predicted; the exit status is then PARTIAL_FAILURE_EXIT_CODE. No image
 at all, or a bad workdir, is an error with status 1 before anything runs.
+
+A white-box run with sd_context='caption' is refused: its model reads the SD
+text encoder's context of each image's own prompt, which a new image does not
+have (analyze.py still evaluates it on the stored splits).
 """
 
 from collections.abc import Callable, Iterator, Sequence
@@ -43,6 +47,8 @@ from PIL import Image
 from reverse_sd import restore
 from reverse_sd import sharding
 from reverse_sd.data import preprocess
+from reverse_sd.models import reverse_model
+from reverse_sd.models import whitebox
 from reverse_sd.text import prompt_bank as prompt_bank_lib
 
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.webp', '.bmp', '.gif', '.tif',
@@ -178,6 +184,26 @@ class EmbeddingWriter:
     self._rows_path.unlink(missing_ok=True)
 
 
+def check_predicts_new_images(run: restore.Run) -> None:
+  """Raises ValueError when the run's model cannot predict an image alone.
+
+  A white-box model with sd_context='caption' reads the SD text encoder's
+  context of the image's own prompt: the very thing to be predicted, which a
+  new image does not come with.
+  """
+  model_config = run.config.model
+  if model_config.get('sd_context', 'empty') == whitebox.CAPTION and (
+      model_config.backbone == reverse_model.WHITEBOX):
+    raise ValueError(
+        f'The run in {run.workdir} has config.model.sd_context=\'caption\':'
+        " its U-Net is conditioned on each image's own prompt (the SD text "
+        'encoder on the caption), which new images do not have and which is '
+        'what predict is asked to find. Such a run is an upper-bound '
+        'analysis setting; evaluate it on its stored splits with '
+        'reverse_sd.analyze, or predict with a run trained with '
+        "sd_context='empty' (configs/diffusiondb_unet.py: context=empty).")
+
+
 class Predictor:
   """Images -> prediction records with a restored run, batch by batch."""
 
@@ -185,6 +211,7 @@ class Predictor:
                bank: prompt_bank_lib.PromptBank | None = None,
                top_k: int = 10, num_prompts: int = 5,
                max_pixels: int = DEFAULT_MAX_PIXELS, num_workers: int = 4):
+    check_predicts_new_images(run)
     multiple = restore.data_batch_multiple(run)
     batch_size = batch_size or int(run.config.eval.batch_size)
     # Round up to a multiple of the devices of the data axis.
@@ -332,7 +359,12 @@ def predict_to_files(run: restore.Run, paths: Sequence[pathlib.Path], *,
 
   Returns:
     {'images', 'predicted', 'errors', 'output', 'embeddings_out'}.
+
+  Raises:
+    ValueError: the run cannot predict new images
+      (`check_predicts_new_images`), before any prompt bank is built.
   """
+  check_predicts_new_images(run)
   bank = None
   if num_prompts > 0:
     bank = (text_file_prompt_bank(run, prompt_bank) if prompt_bank

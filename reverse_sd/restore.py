@@ -166,8 +166,8 @@ def load_run(workdir: str | pathlib.Path, step: int | None = None, *,
     mesh = sharding.make_mesh(config.mesh.axes, config.mesh.shape)
   input_shape = model_input_shape(config.data)
   abstract = _abstract_state(config, model, input_shape)
-  state_shardings = sharding.tree_shardings(mesh, abstract,
-                                            config.mesh.param_rules)
+  state_shardings = state_lib.state_shardings(
+      mesh, abstract, state_lib.param_layout(config.mesh))
   params = _restore_params(workdir, step, abstract, state_shardings)
   return Run(workdir=workdir, config=config, model=model, params=params,
              mesh=mesh,

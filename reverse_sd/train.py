@@ -180,8 +180,8 @@ def _setup(config, workdir: pathlib.Path, splits) -> _Run:
   image_shape = tuple(train.load_images(np.array([0])).shape[1:])
   rng = jax.random.key(config.seed)
   abstract = state_lib.abstract_train_state(model, tx, image_shape, rng)
-  state_shardings = sharding.tree_shardings(mesh, abstract,
-                                            config.mesh.param_rules)
+  state_shardings = state_lib.state_shardings(
+      mesh, abstract, state_lib.param_layout(config.mesh))
   manager = checkpointing.create_manager(
       workdir, max_to_keep=config.train.keep_checkpoints)
   expected_position = _data_position(config, 0, len(train), stages)
@@ -193,7 +193,7 @@ def _setup(config, workdir: pathlib.Path, splits) -> _Run:
     examples_seen = position['examples_seen']
   else:
     state, _ = state_lib.create_train_state(model, tx, image_shape, rng, mesh,
-                                            config.mesh.param_rules)
+                                            shardings=state_shardings)
     if config.model.init_from:
       logging.info('Initialising the backbone from %s', config.model.init_from)
       state = state.replace(params=pretrained.replace_backbone(
@@ -244,8 +244,8 @@ def _train_loop(config, run: _Run, splits, writer) -> None:
     while step < run.total_steps:
       batch = next(batches)
       global_batch = sharding.host_to_global(
-          {k: batch[k] for k in ('image', 'features', 'embedding', 'labels')
-           if k in batch},
+          {k: batch[k] for k in ('image', 'features', 'context', 'embedding',
+                                 'labels') if k in batch},
           run.mesh)
       _log_stage_start(run, step)
       run.state, step_metrics = run.train_step(run.state, global_batch)
@@ -410,6 +410,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   needed = dict.fromkeys(('train', 'validation', *eval_splits))
   splits = datasets.load_splits(config, list(needed))
   splits, vocabulary = _attach_vocabulary(config, workdir, splits)
+  # sd_context='caption': each example's SD text context, cached once.
+  splits = feature_cache.attach_caption_contexts(config, splits)
   timings['data_s'] = time.time() - start
 
   start = time.time()

@@ -5,6 +5,7 @@ No timing is asserted: these check that the scripts produce their numbers
 """
 
 import jax
+import numpy as np
 
 from benchmarks import common
 from benchmarks import scaling
@@ -69,3 +70,34 @@ def test_scaling_compare():
   diffs = scaling.compare(one, eight)
   assert abs(diffs['max_rel_diff_loss'] - 2e-4) < 1e-9
   assert diffs['rel_diff_param_norm'] == 0
+
+
+def test_whitebox_case_trains_on_latents():
+  # The measurement itself runs in `run_all.sh --quick` (compiling even the
+  # tiny U-Net takes minutes on 2 shared cores); here: the case's inputs.
+  case, = common.parse_cases('sd21_unet', quick=True)
+  assert case['init_from'] == common.QUICK_SD_WEIGHTS
+  args = train_step._parse_args(['--quick'])  # pylint: disable=protected-access
+  spec = train_step.make_spec(case, args)
+  assert spec['shape']['cross_attention_dim'] > 0
+  inputs, targets = train_step._model_inputs(  # pylint: disable=protected-access
+      spec, np.random.default_rng(0), 2)
+  latents = inputs['features']
+  assert latents.ndim == 4 and latents.shape[0] == 2 and 'image' not in inputs
+  assert latents.shape[1] < spec['image_size'] and targets.shape == (2, 384)
+  full, = common.parse_cases('sd21_unet')
+  assert full['variant'] == 'sd2.1' and 'init_from' not in full
+
+
+def test_profile_attributes_op_time_to_the_model_code(tmp_path):
+  # pylint: disable-next=g-import-not-at-top
+  from benchmarks import profile_step
+  args = train_step._parse_args(['--quick'])  # pylint: disable=protected-access
+  spec = dict(train_step.make_spec(TINY, args), warmup=1)
+  result = profile_step.profile_case(spec, 'train', 1, str(tmp_path), top=5)
+  assert result['op_seconds_per_step'] > 0, result
+  wheres = [w['where'] for w in result['by_where']]
+  # The convolutions' backward pass shows up under the module that made it.
+  assert any(w.startswith('bwd backbone/conv') for w in wheres), wheres
+  assert abs(sum(k['share'] for k in result['by_kind']) - 1) < 1e-6
+  assert 'ms/step' in profile_step.format_case(result)

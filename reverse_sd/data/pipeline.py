@@ -38,11 +38,20 @@ class SplitData:
   # [N, F] cached frozen-backbone features; when set, batches carry them
   # instead of images and no image is read.
   features: np.ndarray | None = None
+  # [N, T, D] per-example model input besides the image (the white-box
+  # U-Net's caption context, sd_context='caption'); batches carry it as
+  # 'context'. May be memory-mapped.
+  context: np.ndarray | None = None
 
   def __post_init__(self):
     if len(self.source) != len(self.table):
       raise ValueError(f'Split {self.name!r}: {len(self.source)} images but '
                        f'{len(self.table)} targets.')
+    if self.context is not None and (self.context.ndim != 3 or
+                                     len(self.context) != len(self.table)):
+      raise ValueError(f'Split {self.name!r}: per-example context of shape '
+                       f'{self.context.shape}; expected [{len(self.table)}, '
+                       'T, D].')
     if not len(self.source):
       raise ValueError(f'Split {self.name!r} is empty.')
 
@@ -65,6 +74,8 @@ class SplitData:
       batch['features'] = self.features[indices]
     else:
       batch['image'] = self.load_images(indices)
+    if self.context is not None:
+      batch['context'] = np.asarray(self.context[indices])
     if self.labels is not None:
       batch['labels'] = self.labels[indices]
     return batch
@@ -170,7 +181,8 @@ def eval_batches(split: SplitData, *, global_batch_size: int,
   """One pass over a split in order; the last batch is padded, with a mask.
 
   Batches carry 'image' (or 'features' when the split has cached features),
-  'embedding', 'index' (-1 on padding) and 'mask'.
+  'embedding', 'index' (-1 on padding) and 'mask'; and 'context' when the
+  split has per-example contexts.
   """
   rows = process_rows(global_batch_size, process_index, process_count)
   total = len(split)
@@ -186,8 +198,12 @@ def eval_batches(split: SplitData, *, global_batch_size: int,
                                  np.float32),
            'index': np.where(valid, indices, -1).astype(np.int32),
            'mask': valid.astype(np.float32)}
+    if split.context is not None:
+      out['context'] = np.zeros((n, *split.context.shape[1:]),
+                                split.context.dtype)
     if valid.any():
       batch = split.load(indices[valid])
-      out[key][valid] = batch[key]
-      out['embedding'][valid] = batch['embedding']
+      for name in (key, 'embedding', 'context'):
+        if name in out:
+          out[name][valid] = batch[name]
     yield out

@@ -91,6 +91,16 @@ VARIANTS = {
                           eos_token_id=LEGACY_EOS_TOKEN_ID, bos_token_id=0),
 }
 
+# Tensor-parallel rules on the 'model' mesh axis
+# (config.mesh.param_preset='tensor_parallel'): the blocks are
+# `vit.EncoderLayer`s, so the vision tower's rules cover them; the token
+# embedding, the largest array (49408 x D), splits its vocabulary rows
+# (49408 = 2**8 * 193: any power-of-two axis up to 256).
+PARTITION_RULES = (
+    (r'token_embedding/embedding$', ('model', None)),
+    *vit.PARTITION_RULES,
+)
+
 
 class ClipTextOutput(NamedTuple):
   """What `ClipTextTransformer` returns.

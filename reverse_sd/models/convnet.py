@@ -11,6 +11,8 @@ import dataclasses
 import flax.linen as nn
 import jax.numpy as jnp
 
+from reverse_sd.models import conv
+
 
 @dataclasses.dataclass(frozen=True)
 class ConvNetConfig:
@@ -29,13 +31,15 @@ class ConvNet(nn.Module):
   """Images [B,H,W,3] (normalised) -> features [B,output_dim]."""
   config: ConvNetConfig
   dtype: jnp.dtype = jnp.float32
+  conv_grad: str = 'auto'  # models/conv.py: 'auto' | 'xla' | 'matmul'.
 
   @nn.compact
   def __call__(self, images_BxHxWx3):
     x = images_BxHxWx3.astype(self.dtype)
     for i, channels in enumerate(self.config.channels):
-      x = nn.relu(nn.Conv(channels, (3, 3), strides=2, padding='SAME',
-                          dtype=self.dtype, name=f'conv{i}')(x))
+      x = nn.relu(conv.Conv(channels, (3, 3), strides=2, padding='SAME',
+                            dtype=self.dtype, grad_impl=self.conv_grad,
+                            name=f'conv{i}')(x))
     x = x.reshape(x.shape[0], -1)
     return nn.relu(nn.Dense(self.config.output_dim, dtype=self.dtype,
                             name='readout')(x))

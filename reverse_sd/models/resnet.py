@@ -15,6 +15,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from reverse_sd.models import conv as conv_lib
+
 
 @dataclasses.dataclass(frozen=True)
 class ResNetConfig:
@@ -56,12 +58,14 @@ class Bottleneck(nn.Module):
   stride: int
   groups: int
   dtype: jnp.dtype = jnp.float32
+  conv_grad: str = 'auto'
 
   @nn.compact
   def __call__(self, x):
-    conv = lambda c, k, name: nn.Conv(c, (k, k), padding='SAME',
-                                      use_bias=False, dtype=self.dtype,
-                                      name=name)
+    conv = lambda c, k, name: conv_lib.Conv(c, (k, k), padding='SAME',
+                                            use_bias=False, dtype=self.dtype,
+                                            grad_impl=self.conv_grad,
+                                            name=name)
     norm = lambda name: nn.GroupNorm(num_groups=self.groups, dtype=self.dtype,
                                      name=name)
     out_planes = self.planes * 4
@@ -109,6 +113,7 @@ class ResNet(nn.Module):
   """Images [B,H,W,3] (normalised) -> pooled features [B,output_dim]."""
   config: ResNetConfig
   dtype: jnp.dtype = jnp.float32
+  conv_grad: str = 'auto'  # models/conv.py: 'auto' | 'xla' | 'matmul'.
 
   @nn.compact
   def __call__(self, images_BxHxWx3):
@@ -117,8 +122,9 @@ class ResNet(nn.Module):
     x = images_BxHxWx3.astype(self.dtype)
     stem = ((cfg.width // 2, 2), (cfg.width // 2, 1), (cfg.width, 1))
     for i, (channels, stride) in enumerate(stem, start=1):
-      x = nn.Conv(channels, (3, 3), strides=stride, padding='SAME',
-                  use_bias=False, dtype=self.dtype, name=f'stem_conv{i}')(x)
+      x = conv_lib.Conv(channels, (3, 3), strides=stride, padding='SAME',
+                        use_bias=False, dtype=self.dtype,
+                        grad_impl=self.conv_grad, name=f'stem_conv{i}')(x)
       x = nn.relu(nn.GroupNorm(num_groups=min(groups, channels),
                                dtype=self.dtype, name=f'stem_norm{i}')(x))
     x = _avg_pool(x, 2)
@@ -126,7 +132,7 @@ class ResNet(nn.Module):
       for block in range(blocks):
         stride = 2 if stage > 0 and block == 0 else 1
         x = Bottleneck(cfg.width * 2**stage, stride, groups, self.dtype,
-                       name=f'layer{stage + 1}_{block}')(x)
+                       self.conv_grad, name=f'layer{stage + 1}_{block}')(x)
     if cfg.pool == 'attention':
       return AttentionPool(cfg.heads, cfg.output_dim, self.dtype,
                            name='attnpool')(x)

@@ -12,6 +12,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import ml_collections
 
+from reverse_sd.models import conv
 from reverse_sd.models import convnet
 from reverse_sd.models import heads
 from reverse_sd.models import resnet
@@ -37,7 +38,9 @@ class ReverseModel(nn.Module):
   stage (what `config.model.frozen_features` caches); given `features` (that
   cached output) instead of images, the frozen stage is skipped and only the
   trainable stage, the head (and vocabulary head) run. The output's
-  'features' are the head's input.
+  'features' are the head's input. `context` (a per-example [B, T, D]
+  cross-attention context, sd_context='caption') goes to the white-box
+  trainable stage.
 
   With `vocab_size` > 0 the dict also has `word_logits` [B, vocab_size], from
   a Dense layer on the predicted embedding (the paper's choice) or on the
@@ -52,12 +55,12 @@ class ReverseModel(nn.Module):
   vocab_head_input: str = 'embedding'
 
   @nn.compact
-  def __call__(self, images_BxHxWx3=None, *, features=None):
+  def __call__(self, images_BxHxWx3=None, *, features=None, context=None):
     if (images_BxHxWx3 is None) == (features is None):
       raise ValueError('Pass exactly one of images and features.')
     if features is None:
       features = self.extract_features(images_BxHxWx3)
-    features = self.trainable_stage(features.astype(self.dtype))
+    features = self.trainable_stage(features.astype(self.dtype), context)
     out = {'embedding': self.head(features), 'features': features}
     if self.vocab_size:
       source = out['embedding' if self.vocab_head_input == 'embedding'
@@ -77,9 +80,15 @@ class ReverseModel(nn.Module):
       return self.backbone(x.astype(self.dtype))
     return stage(x)
 
-  def trainable_stage(self, features):
+  def trainable_stage(self, features, context=None):
     """The backbone's trainable stage on frozen-stage outputs (or identity)."""
     stage = getattr(self.backbone, 'trainable_stage', None)
+    if context is not None:
+      if not isinstance(self.backbone, whitebox.WhiteBoxBackbone):
+        raise ValueError('A per-example context is read only by the '
+                         f"white-box backbone '{WHITEBOX}' "
+                         "(config.model.sd_context='caption').")
+      return stage(features, context)
     return features if stage is None else stage(features)
 
 
@@ -126,6 +135,11 @@ def create_model(model_config: ml_collections.ConfigDict,
     raise ValueError(f'config.vocab.head_input={vocab_head_input!r}; expected '
                      "'embedding' or 'features'.")
   extra = {}
+  if model_config.backbone in ('convnet', 'clip_resnet'):
+    extra['conv_grad'] = model_config.get('conv_grad', 'auto')
+    if extra['conv_grad'] not in conv.GRAD_IMPLS:
+      raise ValueError(f'config.model.conv_grad={extra["conv_grad"]!r}; '
+                       f'expected one of {conv.GRAD_IMPLS}.')
   if model_config.get('vit_projection', False):
     if model_config.backbone != 'vit':
       raise ValueError('config.model.vit_projection=True needs backbone '

@@ -35,6 +35,7 @@ import math
 import flax.linen as nn
 import jax.numpy as jnp
 
+from reverse_sd.models import conv
 from reverse_sd.models import sd_vae
 
 CROSS_ATTN_DOWN_BLOCK = 'CrossAttnDownBlock2D'
@@ -46,6 +47,30 @@ TRANSFORMER_GROUP_NORM_EPS = 1e-6
 TRANSFORMER_LAYER_NORM_EPS = 1e-5
 # Sinusoidal timestep embedding period (diffusers `get_timestep_embedding`).
 MAX_PERIOD = 10000
+
+# Megatron-style tensor parallelism on the 'model' mesh axis
+# (config.mesh.param_preset='tensor_parallel'; see reverse_sd/sharding.py),
+# regexes over the parameter path below `params`. Attention: to_q/to_k/to_v
+# split their output features (by whole heads when the axis size divides the
+# heads), to_out its input features. Feed-forward: geglu_proj splits its
+# output (value and gate halves land on different devices, so XLA moves
+# half the hidden activations once), out_proj its input. Resnets: conv1 (and
+# the time embedding added to its output) split the output channels, conv2
+# its input channels. The VAE encoder's resnets (sd_vae.ResnetBlock2D) share
+# the conv names and get the same split. Other arrays stay replicated (or
+# FSDP-split with 'fsdp+tensor_parallel').
+PARTITION_RULES = (
+    (r'transformer_blocks_\d+/attn\d+/to_[qkv]/kernel$', (None, 'model')),
+    (r'transformer_blocks_\d+/attn\d+/to_out/kernel$', ('model', None)),
+    (r'transformer_blocks_\d+/ff/geglu_proj/kernel$', (None, 'model')),
+    (r'transformer_blocks_\d+/ff/geglu_proj/bias$', ('model',)),
+    (r'transformer_blocks_\d+/ff/out_proj/kernel$', ('model', None)),
+    (r'resnets_\d+/conv1/kernel$', (None, None, None, 'model')),
+    (r'resnets_\d+/conv1/bias$', ('model',)),
+    (r'resnets_\d+/time_emb_proj/kernel$', (None, 'model')),
+    (r'resnets_\d+/time_emb_proj/bias$', ('model',)),
+    (r'resnets_\d+/conv2/kernel$', (None, None, 'model', None)),
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -339,9 +364,9 @@ class UNetEncoder(nn.Module):
     temb = TimestepEmbedding(cfg.time_embed_dim, self.dtype,
                              name='time_embedding')(t_emb.astype(self.dtype))
     pad = (cfg.conv_in_kernel - 1) // 2
-    x = nn.Conv(cfg.block_out_channels[0], (cfg.conv_in_kernel,) * 2,
-                padding=((pad, pad), (pad, pad)), dtype=self.dtype,
-                name='conv_in')(latents_BxHxWxC)
+    x = conv.Conv(cfg.block_out_channels[0], (cfg.conv_in_kernel,) * 2,
+                  padding=((pad, pad), (pad, pad)), dtype=self.dtype,
+                  name='conv_in')(latents_BxHxWxC)
     context = context_BxSxE.astype(self.dtype)
     outputs = {}
     for i in range(len(cfg.block_out_channels)):

@@ -25,6 +25,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from reverse_sd.models import conv
+
 # Every SD VAE encoder block (diffusers `DownEncoderBlock2D`).
 DOWN_ENCODER_BLOCK = 'DownEncoderBlock2D'
 # diffusers hard-codes this eps for every VAE encoder norm.
@@ -99,10 +101,11 @@ def group_norm(groups: int, eps: float, dtype, name: str) -> nn.GroupNorm:
 
 
 def conv3x3(features: int, dtype, name: str, strides: int = 1,
-            padding=((1, 1), (1, 1))) -> nn.Conv:
-  """torch `Conv2d(kernel_size=3, padding=1)` on NHWC inputs."""
-  return nn.Conv(features, (3, 3), strides=strides, padding=padding,
-                 dtype=dtype, name=name)
+            padding=((1, 1), (1, 1))) -> conv.Conv:
+  """torch `Conv2d(kernel_size=3, padding=1)` on NHWC inputs (models/conv.py:
+  `nn.Conv`'s parameters, a faster backward pass on CPU)."""
+  return conv.Conv(features, (3, 3), strides=strides, padding=padding,
+                   dtype=dtype, name=name)
 
 
 class ResnetBlock2D(nn.Module):
@@ -139,8 +142,8 @@ class ResnetBlock2D(nn.Module):
         nn.silu(norm('norm2')(h)))
     shortcut = x_BxHxWxC
     if x_BxHxWxC.shape[-1] != self.out_channels:
-      shortcut = nn.Conv(self.out_channels, (1, 1), dtype=self.dtype,
-                         name='conv_shortcut')(shortcut)
+      shortcut = conv.Conv(self.out_channels, (1, 1), dtype=self.dtype,
+                           name='conv_shortcut')(shortcut)
     out = shortcut + h
     if self.output_scale_factor != 1.0:
       out = out / self.output_scale_factor

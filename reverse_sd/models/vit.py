@@ -15,6 +15,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from reverse_sd.models import conv
+
 
 @dataclasses.dataclass(frozen=True)
 class ViTConfig:
@@ -61,6 +63,23 @@ VARIANTS = {
     'H/14': ViTConfig(patch_size=14, width=1280, layers=32, heads=16,
                       mlp_dim=5120, activation='gelu', projection_dim=1024),
 }
+
+# Megatron-style tensor parallelism on the 'model' mesh axis
+# (config.mesh.param_preset='tensor_parallel'; see reverse_sd/sharding.py):
+# q/k/v and fc1 split their output features (column-parallel; q/k/v by whole
+# heads when the axis size divides `heads`), out_proj and fc2 their input
+# features (row-parallel), so a block costs one all-reduce after attention
+# and one after the MLP. Regexes over the parameter path below `params`
+# ('backbone/layers_3/self_attn/q_proj/kernel'); `EncoderLayer` uses these
+# names wherever it runs, so they also cover the CLIP text transformer.
+PARTITION_RULES = (
+    (r'layers_\d+/self_attn/[qkv]_proj/kernel$', (None, 'model')),
+    (r'layers_\d+/self_attn/[qkv]_proj/bias$', ('model',)),
+    (r'layers_\d+/self_attn/out_proj/kernel$', ('model', None)),
+    (r'layers_\d+/fc1/kernel$', (None, 'model')),
+    (r'layers_\d+/fc1/bias$', ('model',)),
+    (r'layers_\d+/fc2/kernel$', ('model', None)),
+)
 
 
 def _activation(name: str):
@@ -144,9 +163,9 @@ class VisionTransformer(nn.Module):
   @nn.compact
   def __call__(self, images_BxHxWx3):
     cfg = self.config
-    x = nn.Conv(cfg.width, (cfg.patch_size,) * 2, strides=cfg.patch_size,
-                padding='VALID', use_bias=False, dtype=self.dtype,
-                name='patch_embedding')(images_BxHxWx3)
+    x = conv.Conv(cfg.width, (cfg.patch_size,) * 2, strides=cfg.patch_size,
+                  padding='VALID', use_bias=False, dtype=self.dtype,
+                  name='patch_embedding')(images_BxHxWx3)
     batch = x.shape[0]
     x = x.reshape(batch, -1, cfg.width)
     cls = self.param('class_embedding', nn.initializers.normal(0.02),

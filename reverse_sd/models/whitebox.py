@@ -8,8 +8,8 @@ context -> the mid block's output max-pooled over space, [B, C_last]. The
 project's `EmbeddingHead` maps that to the 384-d unit-norm prompt embedding.
 
 Parameters live under `backbone/vae/...` (the `VAEEncoder`'s, frozen) and
-`backbone/unet/...` (the `UNetEncoder`'s, fine-tuned). The context is a
-constant of the module, not a parameter:
+`backbone/unet/...` (the `UNetEncoder`'s, fine-tuned). The context is not a
+parameter; it is a constant of the module, or (kind 'caption') an input:
 
   'empty'  the generator's own text encoder on the empty prompt
            (`reverse_sd.text.sd_context`, read from `config.model.init_from`),
@@ -17,6 +17,13 @@ constant of the module, not a parameter:
   'file'   a float [T, D] .npy at `config.model.sd_context_path` (e.g. a
            precomputed context of another prompt);
   'zeros'  an all-zero [77, D] context (shape checks, ablations).
+  'caption' per example, the SD text encoder on that example's own prompt
+           (`pipe.encode_prompt(prompt)`), computed once per split and
+           cached (`feature_cache.attach_caption_contexts`); batches carry it
+           as 'context' [B, 77, D] and `__call__` takes it as `context`.
+           The model is then shown the prompt it is asked to predict: an
+           upper bound for analysis, not a reverse model, and it cannot
+           predict new images (they have no prompt).
 
 With `config.model.sd_noise` > 0 the latent is noised as DDPM's forward
 process does at `sd_timestep`, scaled by `sd_noise`:
@@ -53,7 +60,9 @@ VARIANTS = {
 # Regex (over '/'-joined parameter paths) of the frozen VAE.
 VAE_PARAMS = '^backbone/vae/'
 VAE_SUBFOLDER = 'vae'
-CONTEXT_KINDS = ('empty', 'file', 'zeros')
+# The kind whose context is a per-example input, not a module constant.
+CAPTION = 'caption'
+CONTEXT_KINDS = ('empty', 'file', 'zeros', CAPTION)
 # CLIP's text length: the context SD pipelines feed the U-Net.
 CONTEXT_LENGTH = 77
 # SD 1.x / 2.x training schedule (diffusers DDPMScheduler, scaled_linear).
@@ -96,7 +105,10 @@ class WhiteBoxBackbone(nn.Module):
   Attributes:
     unet_config: the U-Net's shape.
     vae_config: the VAE encoder's shape.
-    context: the cross-attention context [T, cross_attention_dim].
+    context: the cross-attention context [T, cross_attention_dim], or None
+      when every call passes a per-example context (sd_context='caption').
+    caption_encoder_dir: with context None, the SD folder whose text encoder
+      makes the per-example contexts (for callers that must compute them).
     timestep: the U-Net's timestep (0: clean latent).
     noise_level: scales the DDPM forward-process noise (0: none).
     dtype: the U-Net's compute dtype. The VAE always runs in float32 (SD
@@ -104,7 +116,8 @@ class WhiteBoxBackbone(nn.Module):
   """
   unet_config: sd_unet.UNetConfig
   vae_config: sd_vae.VAEConfig
-  context: Constant
+  context: Constant | None
+  caption_encoder_dir: str = ''
   timestep: int = 0
   noise_level: float = 0.0
   dtype: jnp.dtype = jnp.float32
@@ -117,7 +130,8 @@ class WhiteBoxBackbone(nn.Module):
       raise ValueError(f'config.model.sd_noise={self.noise_level}; expected '
                        '>= 0.')
     expected = self.unet_config.cross_attention_dim
-    if len(self.context.shape) != 2 or self.context.shape[1] != expected:
+    if self.context is not None and (len(self.context.shape) != 2 or
+                                     self.context.shape[1] != expected):
       raise ValueError(f'The U-Net context has shape {self.context.shape}; '
                        f'expected [T, {expected}] (cross_attention_dim).')
     if self.vae_config.latent_channels != self.unet_config.in_channels:
@@ -143,8 +157,15 @@ class WhiteBoxBackbone(nn.Module):
     latents = self.vae.latents(images_BxHxWx3.astype(jnp.float32))
     return jax.lax.stop_gradient(latents)
 
-  def __call__(self, latents_BxHxWxC):
-    """Mid-block features, max-pooled over space: [B, C_last]."""
+  def __call__(self, latents_BxHxWxC, context=None):
+    """Mid-block features, max-pooled over space: [B, C_last].
+
+    Args:
+      latents_BxHxWxC: scaled VAE latents.
+      context: optional per-example cross-attention context [B, T, D]
+        (D: cross_attention_dim); it replaces the module's constant. Needed
+        when the module has none (sd_context='caption').
+    """
     factor = self.unet_config.downsample_factor
     if (latents_BxHxWxC.ndim != 4 or
         latents_BxHxWxC.shape[-1] != self.unet_config.in_channels or
@@ -154,9 +175,7 @@ class WhiteBoxBackbone(nn.Module):
           f' with H and W divisible by {factor}; got shape '
           f'{tuple(latents_BxHxWxC.shape)}.')
     latents = self._add_noise(latents_BxHxWxC.astype(jnp.float32))
-    batch = latents.shape[0]
-    context = jnp.broadcast_to(jnp.asarray(self.context.array),
-                               (batch, *self.context.shape))
+    context = self._context(latents.shape[0], context)
     features = self.unet(latents.astype(self.dtype), self.timestep,
                          context.astype(self.dtype))
     return jnp.max(features, axis=(1, 2))
@@ -164,8 +183,33 @@ class WhiteBoxBackbone(nn.Module):
   def frozen_stage(self, images_BxHxWx3):
     return self.latents(images_BxHxWx3)
 
-  def trainable_stage(self, latents_BxHxWxC):
-    return self(latents_BxHxWxC)
+  def trainable_stage(self, latents_BxHxWxC, context=None):
+    return self(latents_BxHxWxC, context)
+
+  def _context(self, batch: int, context_BxTxD):
+    """The [B, T, D] context of this call: the per-example one, else the
+    module's constant broadcast over the batch."""
+    dim = self.unet_config.cross_attention_dim
+    if context_BxTxD is None:
+      if self.context is not None:
+        return jnp.broadcast_to(jnp.asarray(self.context.array),
+                                (batch, *self.context.shape))
+      if self.is_initializing():
+        # Parameter shapes do not depend on the context's values.
+        return jnp.zeros((batch, CONTEXT_LENGTH, dim), jnp.float32)
+      raise ValueError(
+          f"config.model.sd_context='{CAPTION}' reads each example's "
+          f'context from the batch (\'context\' [B, {CONTEXT_LENGTH}, {dim}],'
+          ' the SD text encoder on its prompt), but none was passed. Attach '
+          'the contexts to the splits (feature_cache.attach_caption_contexts)'
+          ' or pass context= to the model.')
+    if (context_BxTxD.ndim != 3 or context_BxTxD.shape[0] != batch or
+        context_BxTxD.shape[2] != dim):
+      raise ValueError(
+          f'The per-example U-Net context has shape '
+          f'{tuple(context_BxTxD.shape)}; expected [{batch}, T, {dim}] '
+          '(batch, tokens, cross_attention_dim).')
+    return context_BxTxD
 
   def _add_noise(self, latents):
     if self.noise_level == 0:
@@ -239,10 +283,58 @@ def read_configs(model_config) -> tuple[sd_unet.UNetConfig, sd_vae.VAEConfig]:
   return unet_config, vae_config
 
 
-def load_context(model_config, unet_config: sd_unet.UNetConfig) -> np.ndarray:
-  """The U-Net's cross-attention context [T, D] named by config.model."""
+def check_caption_encoder(model_config,
+                          cross_attention_dim: int | None = None
+                          ) -> pathlib.Path:
+  """The SD folder whose text encoder makes sd_context='caption' contexts.
+
+  Args:
+    model_config: config.model (reads init_from).
+    cross_attention_dim: when given, the text encoder's width must be it.
+
+  Raises:
+    ValueError: init_from is empty, or the text encoder's width is not
+      `cross_attention_dim`.
+    FileNotFoundError: the folder has no text_encoder/ or tokenizer/.
+  """
+  if not model_config.init_from:
+    raise ValueError(
+        f"config.model.sd_context='{CAPTION}' runs the SD folder's text "
+        "encoder on each example's prompt, but config.model.init_from is "
+        'empty. Set it to a diffusers SD folder with text_encoder/ and '
+        'tokenizer/.')
+  root = pathlib.Path(model_config.init_from)
+  missing = [sub for sub in ('text_encoder', 'tokenizer')
+             if not (root / sub).is_dir()]
+  if missing:
+    raise FileNotFoundError(
+        f"config.model.sd_context='{CAPTION}' needs the SD text encoder, "
+        f'but config.model.init_from={str(root)!r} has no '
+        f'{"/, ".join(missing)}/ subfolder. Use a full diffusers SD folder '
+        "(StableDiffusionPipeline.save_pretrained), or another sd_context.")
+  if cross_attention_dim is None:
+    return root
+  from reverse_sd.convert import clip_text  # pylint: disable=g-import-not-at-top
+  width = clip_text.read_config(root / 'text_encoder').width
+  if width != cross_attention_dim:
+    raise ValueError(
+        f'{root}/text_encoder makes {width}-d contexts but the U-Net '
+        f'attends to {cross_attention_dim}-d ones (cross_attention_dim); are '
+        'they from the same model?')
+  return root
+
+
+def load_context(model_config,
+                 unet_config: sd_unet.UNetConfig) -> np.ndarray | None:
+  """The U-Net's cross-attention context [T, D] named by config.model.
+
+  None for sd_context='caption': the context is then an input of each call.
+  """
   kind = model_config.get('sd_context', 'empty')
   dim = unet_config.cross_attention_dim
+  if kind == CAPTION:
+    check_caption_encoder(model_config, dim)
+    return None
   if kind == 'empty':
     if not model_config.init_from:
       raise ValueError(
@@ -285,9 +377,12 @@ def create_backbone(model_config, dtype, name: str = 'backbone'
                     ) -> WhiteBoxBackbone:
   """The white-box backbone `config.model` describes."""
   unet_config, vae_config = read_configs(model_config)
+  context = load_context(model_config, unet_config)
   return WhiteBoxBackbone(
       unet_config, vae_config,
-      Constant(load_context(model_config, unet_config)),
+      None if context is None else Constant(context),
+      caption_encoder_dir=('' if context is not None else
+                           str(model_config.init_from)),
       timestep=int(model_config.get('sd_timestep', 0)),
       noise_level=float(model_config.get('sd_noise', 0.0)), dtype=dtype,
       name=name)

@@ -1,0 +1,210 @@
+"""2-D convolution whose backward pass is matrix products on CPU.
+
+XLA:CPU runs a convolution's forward pass well, but its gradients (above all
+the kernel gradient of a strided convolution, a convolution with a dilated
+right-hand side) run at a few percent of the matmul peak: on the default
+synthetic ConvNet the backward pass took 4.2-4.8x the forward, against about
+2x for PyTorch's oneDNN kernels (`benchmarks/RESULTS.md`).
+
+`conv2d` keeps XLA's forward convolution and writes the backward pass as one
+matrix product per kernel tap:
+
+  dK[i, j] = tap_ij(x_padded)^T @ dY          ([C_in, B*H'*W'] @ [.., C_out])
+  dX       = sum_ij place_ij(dY @ K[i, j]^T)  (strided, zero-filled placement)
+
+where `tap_ij` is the strided slice of the padded input that meets kernel
+position (i, j). On accelerators the vendor convolution kernels are fast, so
+`grad_impl='auto'` keeps XLA's own gradient there.
+
+`Conv` is a drop-in for `flax.linen.Conv` (same parameter names, shapes and
+initialisers, so checkpoints and converters do not change) for NHWC inputs,
+2-D kernels, no dilation and no feature groups.
+"""
+
+from collections.abc import Sequence
+import functools
+
+import flax.linen as nn
+import jax
+from jax import lax
+import jax.numpy as jnp
+
+GRAD_IMPLS = ('auto', 'xla', 'matmul')
+_DIMENSION_NUMBERS = ('NHWC', 'HWIO', 'NHWC')
+
+Padding = str | Sequence[tuple[int, int]]
+
+
+def explicit_padding(padding: Padding, in_hw: Sequence[int],
+                     kernel_hw: Sequence[int],
+                     strides: Sequence[int]) -> tuple[tuple[int, int], ...]:
+  """'SAME' / 'VALID' / ((lo, hi), (lo, hi)) -> explicit (lo, hi) pairs.
+
+  'SAME' follows XLA (and TensorFlow): out = ceil(in / stride), the odd pixel
+  of padding goes after.
+  """
+  if isinstance(padding, str):
+    mode = padding.upper()
+    if mode == 'VALID':
+      return tuple((0, 0) for _ in in_hw)
+    if mode != 'SAME':
+      raise ValueError(f"Conv padding {padding!r}: expected 'SAME', 'VALID' "
+                       'or ((lo, hi), (lo, hi)).')
+    pads = []
+    for size, k, s in zip(in_hw, kernel_hw, strides):
+      out = -(-size // s)
+      total = max((out - 1) * s + k - size, 0)
+      pads.append((total // 2, total - total // 2))
+    return tuple(pads)
+  pads = tuple(tuple(int(p) for p in pair) for pair in padding)
+  if len(pads) != len(in_hw) or any(len(p) != 2 for p in pads):
+    raise ValueError(f'Conv padding {padding!r}: expected one (lo, hi) pair '
+                     f'per spatial dimension ({len(in_hw)}).')
+  return pads
+
+
+def _forward(x, kernel, strides, padding):
+  return lax.conv_general_dilated(x, kernel, strides, padding,
+                                  dimension_numbers=_DIMENSION_NUMBERS)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _conv_matmul_grad(x, kernel, strides, padding):
+  return _forward(x, kernel, strides, padding)
+
+
+def _conv_fwd(x, kernel, strides, padding):
+  return _forward(x, kernel, strides, padding), (x, kernel)
+
+
+def _patch_bwd(x, kernel, dy):
+  """Non-overlapping patches (kernel = stride, no padding; ViT's patch
+  embedding): one [p*p*C, N] x [N, C_out] product, the patches a reshape."""
+  batch, _, _, channels = x.shape
+  kh, kw, _, out_channels = kernel.shape
+  _, oh, ow, _ = dy.shape
+  used = x[:, :oh * kh, :ow * kw, :]
+  patches = used.reshape(batch, oh, kh, ow, kw, channels).transpose(
+      0, 1, 3, 2, 4, 5).reshape(-1, kh * kw * channels)
+  dy_NxO = dy.reshape(-1, out_channels)
+  kernel_KxO = kernel.reshape(-1, out_channels)
+  dkernel = jnp.dot(patches.T, dy_NxO, preferred_element_type=jnp.float32)
+  dpatches = jnp.dot(dy_NxO, kernel_KxO.T)
+  dx_used = dpatches.reshape(batch, oh, ow, kh, kw, channels).transpose(
+      0, 1, 3, 2, 4, 5).reshape(used.shape)
+  dx = jnp.pad(dx_used, ((0, 0), (0, x.shape[1] - used.shape[1]),
+                         (0, x.shape[2] - used.shape[2]), (0, 0)))
+  return dx.astype(x.dtype), dkernel.astype(kernel.dtype).reshape(
+      kernel.shape)
+
+
+def _conv_bwd(strides, padding, residuals, dy):
+  """Gradients as one [C_in, N] x [N, C_out] product per kernel tap."""
+  x, kernel = residuals
+  batch, _, _, channels = x.shape
+  kh, kw, _, out_channels = kernel.shape
+  _, oh, ow, _ = dy.shape
+  sh, sw = strides
+  if (kh, kw) == (sh, sw) and all(p == (0, 0) for p in padding):
+    return _patch_bwd(x, kernel, dy)
+  (pt, pb), (pl, pr) = padding
+  # Negative padding (a crop) is legal in lax.pad, as in the convolution.
+  x_pad = lax.pad(x, jnp.zeros((), x.dtype),
+                  ((0, 0, 0), (pt, pb, 0), (pl, pr, 0), (0, 0, 0)))
+  hp, wp = x_pad.shape[1], x_pad.shape[2]
+  dy_NxO = dy.reshape(-1, out_channels)
+  dkernel_taps = []
+  dx_pad = None
+  for i in range(kh):
+    for j in range(kw):
+      end_h, end_w = i + sh * (oh - 1) + 1, j + sw * (ow - 1) + 1
+      tap = lax.slice(x_pad, (0, i, j, 0), (batch, end_h, end_w, channels),
+                      (1, sh, sw, 1))
+      dkernel_taps.append(
+          jnp.dot(tap.reshape(-1, channels).T, dy_NxO,
+                  preferred_element_type=jnp.float32).astype(kernel.dtype))
+      dtap = jnp.dot(dy_NxO, kernel[i, j].T).reshape(batch, oh, ow, channels)
+      # Put the tap's gradient back where the tap came from: stride-1 zeros
+      # between its rows and columns, offset (i, j) in the padded input.
+      placed = lax.pad(dtap, jnp.zeros((), dtap.dtype),
+                       ((0, 0, 0), (i, hp - end_h, sh - 1),
+                        (j, wp - end_w, sw - 1), (0, 0, 0)))
+      dx_pad = placed if dx_pad is None else dx_pad + placed
+  dx = lax.pad(dx_pad, jnp.zeros((), dx_pad.dtype),
+               ((0, 0, 0), (-pt, -pb, 0), (-pl, -pr, 0), (0, 0, 0)))
+  dkernel = jnp.stack(dkernel_taps).reshape(kernel.shape)
+  return dx.astype(x.dtype), dkernel
+
+
+_conv_matmul_grad.defvjp(_conv_fwd, _conv_bwd)
+
+
+def resolve_grad_impl(grad_impl: str) -> str:
+  """'auto' -> 'matmul' on CPU, 'xla' on accelerators."""
+  if grad_impl not in GRAD_IMPLS:
+    raise ValueError(f'Conv grad_impl {grad_impl!r}: expected one of '
+                     f'{GRAD_IMPLS}.')
+  if grad_impl == 'auto':
+    return 'matmul' if jax.default_backend() == 'cpu' else 'xla'
+  return grad_impl
+
+
+def conv2d(x_BxHxWxC, kernel_HxWxIxO, strides: Sequence[int] = (1, 1),
+           padding: Padding = 'SAME', grad_impl: str = 'auto'):
+  """NHWC x HWIO convolution; `grad_impl` picks how gradients are computed.
+
+  Args:
+    x_BxHxWxC: input.
+    kernel_HxWxIxO: kernel, same dtype as the input.
+    strides: (sh, sw).
+    padding: 'SAME', 'VALID' or ((top, bottom), (left, right)).
+    grad_impl: 'xla' (XLA's convolution gradients), 'matmul' (one matrix
+      product per kernel tap, `_conv_bwd`) or 'auto' (matmul on CPU).
+
+  Returns:
+    [B, H', W', O].
+  """
+  strides = tuple(int(s) for s in strides)
+  pads = explicit_padding(padding, x_BxHxWxC.shape[1:3],
+                          kernel_HxWxIxO.shape[:2], strides)
+  if resolve_grad_impl(grad_impl) == 'xla':
+    return _forward(x_BxHxWxC, kernel_HxWxIxO, strides, pads)
+  return _conv_matmul_grad(x_BxHxWxC, kernel_HxWxIxO, strides, pads)
+
+
+class Conv(nn.Module):
+  """`flax.linen.Conv` for NHWC images with the CPU-friendly backward pass.
+
+  Parameters `kernel` [kh, kw, in, out] and `bias` [out], initialised like
+  `nn.Conv` (LeCun normal, zeros), so it reads and writes the same trees.
+  """
+  features: int
+  kernel_size: Sequence[int]
+  strides: int | Sequence[int] = 1
+  padding: Padding = 'SAME'
+  use_bias: bool = True
+  dtype: jnp.dtype | None = None
+  param_dtype: jnp.dtype = jnp.float32
+  kernel_init: nn.initializers.Initializer = nn.initializers.lecun_normal()
+  bias_init: nn.initializers.Initializer = nn.initializers.zeros_init()
+  grad_impl: str = 'auto'
+
+  @nn.compact
+  def __call__(self, x_BxHxWxC):
+    if x_BxHxWxC.ndim != 4:
+      raise ValueError(f'Conv {self.name}: expected NHWC input, got shape '
+                       f'{x_BxHxWxC.shape}.')
+    kernel_size = tuple(self.kernel_size)
+    strides = ((self.strides,) * 2 if isinstance(self.strides, int)
+               else tuple(self.strides))
+    kernel = self.param('kernel', self.kernel_init,
+                        kernel_size + (x_BxHxWxC.shape[-1], self.features),
+                        self.param_dtype)
+    bias = (self.param('bias', self.bias_init, (self.features,),
+                       self.param_dtype) if self.use_bias else None)
+    x, kernel, bias = nn.dtypes.promote_dtype(x_BxHxWxC, kernel, bias,
+                                              dtype=self.dtype)
+    y = conv2d(x, kernel, strides, self.padding, self.grad_impl)
+    if bias is not None:
+      y = y + bias
+    return y

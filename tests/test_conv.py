@@ -1,0 +1,116 @@
+"""models/conv.py: the matmul backward pass equals XLA's convolution gradients."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from reverse_sd import sharding
+from reverse_sd.models import conv
+
+# (input HxW, C_in, C_out, kernel, strides, padding): the shapes the models
+# use (stride-2 SAME in the ConvNet, diffusers' padding-1 3x3 and the
+# (0, 1)-padded downsampler, 1x1 shortcuts, non-overlapping patches) on odd
+# sizes so the SAME padding is asymmetric.
+CASES = [
+    ((9, 7), 3, 5, (3, 3), (2, 2), 'SAME'),
+    ((8, 8), 4, 6, (3, 3), (1, 1), ((1, 1), (1, 1))),
+    ((9, 9), 4, 4, (3, 3), (2, 2), ((0, 1), (0, 1))),
+    ((6, 5), 4, 3, (1, 1), (1, 1), 'VALID'),
+    ((8, 12), 3, 7, (4, 4), (4, 4), 'VALID'),
+    ((9, 13), 3, 7, (4, 4), (4, 4), 'VALID'),
+    ((7, 7), 2, 3, (2, 3), (1, 2), 'SAME'),
+]
+
+
+def _inputs(hw, c_in, c_out, kernel, seed=0):
+  rng = np.random.default_rng(seed)
+  x = jnp.asarray(rng.normal(size=(2, *hw, c_in)), jnp.float32)
+  k = jnp.asarray(rng.normal(size=(*kernel, c_in, c_out)), jnp.float32)
+  dy_seed = jnp.asarray(rng.normal(size=(64,)), jnp.float32)
+  return x, k, dy_seed
+
+
+def _loss(fn):
+  def loss(x, k, dy_seed):
+    y = fn(x, k)
+    weights = jnp.resize(dy_seed, y.shape)  # A fixed, non-uniform cotangent.
+    return jnp.sum(y * weights)
+  return loss
+
+
+@pytest.mark.parametrize('case', CASES, ids=lambda c: f'{c[3]}s{c[4]}{c[5]}')
+def test_matmul_gradients_equal_xla(case):
+  hw, c_in, c_out, kernel, strides, padding = case
+  x, k, dy_seed = _inputs(hw, c_in, c_out, kernel)
+  grads = {}
+  for impl in ('xla', 'matmul'):
+    fn = lambda x, k, impl=impl: conv.conv2d(x, k, strides, padding, impl)
+    y = jax.jit(fn)(x, k)
+    grads[impl] = (y, *jax.jit(jax.grad(_loss(fn), argnums=(0, 1)))(
+        x, k, dy_seed))
+  for name, a, b in zip(('output', 'dx', 'dkernel'), grads['xla'],
+                        grads['matmul']):
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5,
+                               err_msg=f'{name} differs from XLA')
+
+
+def test_module_is_a_drop_in_for_flax_conv():
+  x, _, dy_seed = _inputs((9, 7), 3, 5, (3, 3))
+  ours = conv.Conv(5, (3, 3), strides=2, padding='SAME', grad_impl='matmul')
+  theirs = nn.Conv(5, (3, 3), strides=2, padding='SAME')
+  params = theirs.init(jax.random.key(0), x)
+  params_ours = ours.init(jax.random.key(0), x)
+  assert (jax.tree.map(lambda a: (a.shape, a.dtype), params) ==
+          jax.tree.map(lambda a: (a.shape, a.dtype), params_ours))
+  np.testing.assert_array_equal(params['params']['kernel'],
+                                params_ours['params']['kernel'])
+
+  def loss(module):
+    return lambda p: jnp.sum(module.apply(p, x) * jnp.resize(dy_seed, (
+        2, 5, 4, 5)))
+
+  g_theirs = jax.grad(loss(theirs))(params)
+  g_ours = jax.grad(loss(ours))(params)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(b, a, rtol=1e-5,
+                                                       atol=1e-5),
+               g_theirs, g_ours)
+
+
+def test_bfloat16_close_to_float32():
+  x, k, dy_seed = _inputs((8, 8), 8, 8, (3, 3))
+  fn = lambda x, k: conv.conv2d(x, k, (2, 2), 'SAME', 'matmul')
+  g32 = jax.grad(_loss(fn), argnums=1)(x, k, dy_seed)
+  g16 = jax.grad(_loss(fn), argnums=1)(x.astype(jnp.bfloat16),
+                                       k.astype(jnp.bfloat16), dy_seed)
+  assert g16.dtype == jnp.bfloat16
+  np.testing.assert_allclose(g16.astype(jnp.float32), g32, rtol=0.05,
+                             atol=0.05 * float(jnp.abs(g32).max()))
+
+
+def test_sharded_batch_gives_the_same_gradients():
+  mesh = sharding.make_mesh(('data',), (-1,))
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.normal(size=(8, 9, 9, 3)), jnp.float32)
+  k = jnp.asarray(rng.normal(size=(3, 3, 3, 4)), jnp.float32)
+  dy_seed = jnp.asarray(rng.normal(size=(64,)), jnp.float32)
+  fn = lambda x, k: conv.conv2d(x, k, (2, 2), 'SAME', 'matmul')
+  grad = jax.grad(_loss(fn), argnums=1)
+  expected = jax.jit(grad)(x, k, dy_seed)
+  x_sharded = jax.device_put(x, sharding.batch_sharding(mesh))
+  got = jax.jit(grad, in_shardings=(sharding.batch_sharding(mesh),
+                                    sharding.replicated(mesh),
+                                    sharding.replicated(mesh)))(
+                                        x_sharded, k, dy_seed)
+  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_auto_is_matmul_on_cpu_and_bad_values_are_named():
+  assert conv.resolve_grad_impl('auto') == 'matmul'
+  with pytest.raises(ValueError, match="grad_impl 'fast'"):
+    conv.resolve_grad_impl('fast')
+  with pytest.raises(ValueError, match="padding 'FULL'"):
+    conv.explicit_padding('FULL', (4, 4), (3, 3), (1, 1))
+  with pytest.raises(ValueError, match='NHWC'):
+    conv.Conv(3, (3, 3)).init(jax.random.key(0), jnp.zeros((4, 4, 3)))
