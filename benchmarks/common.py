@@ -40,7 +40,7 @@ CASES: dict[str, dict[str, Any]] = {
                           train_batch=64, infer_batch=256),
     # CLIP ViT-B/16 at 224 px (DiffusionDB with CLIP preprocessing).
     'vit_b16': dict(backbone='vit', variant='B/16', image_size=224,
-                    train_batch=8, infer_batch=32),
+                    train_batch=8, infer_batch=8),
     # CLIP ViT-L/14 at 224 px: accelerators only (benchmarks/gpu.sh).
     'vit_l14': dict(backbone='vit', variant='L/14', image_size=224,
                     train_batch=128, infer_batch=256),
