@@ -68,7 +68,7 @@ if [[ ${quick} == 0 && "${backend}" != gpu ]]; then
 fi
 
 export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-2}"
-cases='convnet_small:1024:4096,vit_b16:256:512,vit_l14:128:256'
+cases='convnet_small:1024:4096,vit_b16:256:512,vit_l14:128:256,sd21_unet:32:64'
 frameworks=jax
 torch_args=()
 if [[ -n "${TORCH_PYTHON:-}" ]]; then

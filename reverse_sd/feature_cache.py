@@ -52,6 +52,16 @@ _CAPTION_FORMAT = 1
 _CAPTION_CHUNK = 4096
 
 
+def _load_cached(path: pathlib.Path, what: str) -> np.ndarray:
+  """A cached .npy, memory-mapped, or a clear error naming the file."""
+  try:
+    return np.load(path, allow_pickle=False, mmap_mode='r')
+  except Exception as e:  # pylint: disable=broad-except
+    raise ValueError(f'The {what} {path} is unreadable '
+                     f'({type(e).__name__}: {e}). Delete it to recompute.'
+                    ) from e
+
+
 def cache_key(model_config, data_identity: str, input_shape: tuple[int, ...],
               weights_identity: str) -> str:
   """A digest of what the features depend on."""
@@ -122,12 +132,7 @@ def load_or_compute(cache_dir: pathlib.Path, split: pipeline.SplitData,
   """
   path = cache_dir / f'{split.name}.npy'
   if path.exists():
-    try:
-      features = np.load(path, allow_pickle=False, mmap_mode='r')
-    except Exception as e:  # pylint: disable=broad-except
-      raise ValueError(f'The feature cache {path} is unreadable '
-                       f'({type(e).__name__}: {e}). Delete it to recompute.'
-                      ) from e
+    features = _load_cached(path, 'feature cache')
     if features.ndim < 2 or len(features) != len(split):
       raise ValueError(f'The feature cache {path} has shape {features.shape} '
                        f'but split {split.name!r} has {len(split)} examples. '
@@ -183,12 +188,7 @@ def caption_cache_root() -> pathlib.Path:
 
 def _read_contexts(path: pathlib.Path, split: pipeline.SplitData,
                    width: int) -> np.ndarray:
-  try:
-    contexts = np.load(path, allow_pickle=False, mmap_mode='r')
-  except Exception as e:  # pylint: disable=broad-except
-    raise ValueError(f'The caption context cache {path} is unreadable '
-                     f'({type(e).__name__}: {e}). Delete it to recompute.'
-                    ) from e
+  contexts = _load_cached(path, 'caption context cache')
   if (contexts.dtype != CAPTION_DTYPE or contexts.ndim != 3 or
       len(contexts) != len(split) or contexts.shape[2] != width):
     raise ValueError(

@@ -26,7 +26,6 @@ from reverse_sd import state as state_lib
 from reverse_sd import train
 from reverse_sd.models import reverse_model
 
-CROSS_ATTENTION_DIM = 32  # tests/golden/tiny_sd/unet/config.json.
 BATCH = 16
 MESHES = {'data8': (('data',), (8,)), 'data2_model4': (('data', 'model'),
                                                        (2, 4))}
@@ -34,14 +33,6 @@ MESHES = {'data8': (('data',), (8,)), 'data2_model4': (('data', 'model'),
 TEST_FSDP_MIN_SIZE = 256
 VIT_QUERY = 'backbone/layers_0/self_attn/q_proj/kernel'
 UNET_BLOCK = ('backbone/unet/mid_block/attentions_0/transformer_blocks_0/')
-
-
-@pytest.fixture(scope='module')
-def context_file(tmp_path_factory):
-  path = tmp_path_factory.mktemp('context') / 'context.npy'
-  rng = np.random.default_rng(0)
-  np.save(path, rng.normal(size=(77, CROSS_ATTENTION_DIM)).astype(np.float32))
-  return path
 
 
 def _config(model_name, context_file, mesh_name, preset, rules=()):

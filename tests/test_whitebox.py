@@ -35,14 +35,6 @@ MID_CHANNELS = 32  # Its last block_out_channels.
 
 
 @pytest.fixture(scope='module')
-def context_file(tmp_path_factory):
-  path = tmp_path_factory.mktemp('context') / 'context.npy'
-  rng = np.random.default_rng(0)
-  np.save(path, rng.normal(size=(77, CROSS_ATTENTION_DIM)).astype(np.float32))
-  return path
-
-
-@pytest.fixture(scope='module')
 def manual_dir(tmp_path_factory):
   return fake_assets.write_diffusiondb(tmp_path_factory.mktemp('manual')).root
 
