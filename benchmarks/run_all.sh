@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Every CPU benchmark, one after another, for an otherwise idle machine:
 # train_step (JAX vs PyTorch; then the white-box SD 2.1 U-Net encoder, JAX
-# only; then the ConvNet with XLA's own convolution gradients, JAX only),
+# only; then the ConvNet with XLA's own convolution gradients, JAX only; then
+# both cases with the opt-in oneDNN flags, JAX only), ab_step (the
+# attention, Dense and micro-batch changes, each A/B in one process),
 # profile_step (where the JAX step's time goes), input_pipeline, scaling
 # (8 fake devices vs 1) and dakl_scaling. Results go to
 # benchmarks/results/*.json, the console output also to
 # benchmarks/results/run_all.log.
 #
-#   bash benchmarks/run_all.sh            # ~40 minutes on 2 cores
+#   bash benchmarks/run_all.sh            # ~55 minutes on 2 cores
 #   bash benchmarks/run_all.sh --quick    # smoke run of every script
 #
 # A failing benchmark does not stop the others; the exit status is 1 if any
@@ -19,6 +21,7 @@ quick=()
 dakl=()
 unet=(--output=benchmarks/results/train_step_unet.json)
 xla=(--output=benchmarks/results/train_step_conv_grad_xla.json)
+onednn=(--output=benchmarks/results/train_step_onednn.json)
 log=benchmarks/results/run_all.log
 for arg in "$@"; do
   case "${arg}" in
@@ -28,6 +31,7 @@ for arg in "$@"; do
             --output=benchmarks/results/dakl_scaling_quick.json)
       unet=(--output=benchmarks/results/train_step_unet_quick.json)
       xla=(--output=benchmarks/results/train_step_conv_grad_xla_quick.json)
+      onednn=(--output=benchmarks/results/train_step_onednn_quick.json)
       log=benchmarks/results/run_all_quick.log ;;
     *) echo "run_all.sh: unknown argument ${arg} (only --quick)" >&2; exit 2 ;;
   esac
@@ -63,6 +67,15 @@ run train_step_unet "${python}" benchmarks/train_step.py --cases=sd21_unet \
   --frameworks=jax --rounds=1 "${unet[@]}" "${quick[@]+"${quick[@]}"}"
 run conv_grad_xla "${python}" benchmarks/train_step.py --cases=convnet_small \
   --frameworks=jax --conv_grad=xla "${xla[@]}" "${quick[@]+"${quick[@]}"}"
+run onednn env REVERSE_SD_XLA_CPU_ONEDNN=1 "${python}" \
+  benchmarks/train_step.py --frameworks=jax --rounds=1 "${onednn[@]}" \
+  "${quick[@]+"${quick[@]}"}"
+for change in attention dense; do
+  run "ab_${change}" "${python}" benchmarks/ab_step.py --change="${change}" \
+    "${quick[@]+"${quick[@]}"}"
+done
+run ab_micro_batch "${python}" benchmarks/ab_step.py --change=micro_batch \
+  --cases=convnet_small "${quick[@]+"${quick[@]}"}"
 run profile_step "${python}" benchmarks/profile_step.py "${quick[@]+"${quick[@]}"}"
 run input_pipeline "${python}" benchmarks/input_pipeline.py "${quick[@]+"${quick[@]}"}"
 run scaling "${python}" benchmarks/scaling.py "${quick[@]+"${quick[@]}"}"

@@ -86,7 +86,8 @@ def make_spec(case: dict[str, Any], args) -> dict[str, Any]:
                                           'grad_clip_norm')},
       warmup=args.warmup, steps=args.steps, infer_warmup=args.infer_warmup,
       infer_steps=args.infer_steps, threads=args.threads,
-      conv_grad=getattr(args, 'conv_grad', 'auto'))
+      conv_grad=getattr(args, 'conv_grad', 'auto'),
+      micro_batch=getattr(args, 'micro_batch', -1))
 
 
 def _config_for(spec: dict[str, Any]):
@@ -102,6 +103,7 @@ def _config_for(spec: dict[str, Any]):
   config.model.variant = spec['variant']
   config.model.dtype = spec['dtype']
   config.model.conv_grad = spec.get('conv_grad', 'auto')
+  config.eval.micro_batch = spec.get('micro_batch', -1)
   config.vocab.loss_weight = 0.0
   if spec['backbone'] == 'sd_unet':
     config.model.sd_context = 'zeros'
@@ -199,14 +201,18 @@ def build_jax(spec: dict[str, Any], devices=None) -> dict[str, Any]:
   result = {'framework': 'jax', 'case': spec['name'], 'dtype': spec['dtype'],
             'jax_version': jax.__version__,
             'backend': jax.default_backend(),
+            # reverse_sd's defaults (reverse_sd/xla_cpu.py) plus the user's.
+            'xla_flags': os.environ.get('XLA_FLAGS', ''),
+            'micro_batch': config.eval.micro_batch,
             'device_kind': mesh.devices.flat[0].device_kind,
             'num_devices': int(num_devices), 'cores': len(common.cores()),
             'param_count': int(sum(x.size for x in
                                    jax.tree.leaves(state.params)))}
   return dict(config=config, mesh=mesh, model=model, state=state,
               shardings=shardings, step=step, batch=batch,
-              predict=evaluate.make_predict_step(model, mesh,
-                                                 shardings.params),
+              predict=evaluate.make_predict_step(
+                  model, mesh, shardings.params,
+                  micro_batch=config.eval.get('micro_batch', -1)),
               infer_batch=sharding.host_to_global(infer_inputs, mesh),
               result=result)
 
@@ -218,6 +224,7 @@ def measure_jax(spec: dict[str, Any], devices=None) -> dict[str, Any]:
   """
   # pylint: disable=g-import-not-at-top
   import jax
+  from reverse_sd import evaluate as evaluate_lib
   built = build_jax(spec, devices)
   state, batch, step = built['state'], built['batch'], built['step']
   num_devices = built['mesh'].devices.size
@@ -255,7 +262,11 @@ def measure_jax(spec: dict[str, Any], devices=None) -> dict[str, Any]:
   warmup_times, times = common.time_steps(
       lambda: jax.block_until_ready(compiled_predict(params, infer_batch)),
       warmup=spec['infer_warmup'], steps=spec['infer_steps'])
-  flops = _flops(compiled_predict)
+  # XLA's cost analysis counts a loop body once: count the FLOPs of the
+  # unchunked step (same function) when the step runs in micro-batches.
+  unchunked = evaluate_lib.make_predict_step(
+      built['model'], built['mesh'], built['shardings'].params, micro_batch=0)
+  flops = _flops(unchunked.lower(params, infer_batch).compile())
   result['infer'] = dict(
       common.summarize(times), batch=spec['infer_batch'],
       compile_s=infer_compile_s, warmup_times_s=warmup_times,
@@ -492,6 +503,10 @@ def _parse_args(argv=None):
                       help="JAX convolution gradients (config.model."
                       "conv_grad); 'xla' shows the speed before "
                       'models/conv.py')
+  parser.add_argument('--micro_batch', type=int, default=-1,
+                      help='JAX predict step: examples per device per '
+                      'forward pass (config.eval.micro_batch; -1 auto, 0 '
+                      'the whole inference batch)')
   parser.add_argument('--threads', type=int, default=len(common.cores()),
                       help='cores per worker: pinned to the first N, '
                       'torch.set_num_threads(N), BLAS/OpenMP threads N')

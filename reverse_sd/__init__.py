@@ -1,0 +1,7 @@
+"""reverse_sd: predict the prompt embedding of a Stable Diffusion image."""
+
+from reverse_sd import xla_cpu as _xla_cpu
+
+# Opt-in oneDNN flags (REVERSE_SD_XLA_CPU_ONEDNN=1, see xla_cpu.py), set
+# before any JAX backend starts: XLA reads XLA_FLAGS then.
+_xla_cpu.apply_defaults()

@@ -20,7 +20,8 @@ from typing import Any
 
 import jax
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh
+import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import numpy as np
 
 from reverse_sd import feature_cache
@@ -59,18 +60,77 @@ def caption_encoder_dir(model) -> str:
   return ''
 
 
-def make_predict_step(model, mesh: Mesh, params_shardings: Any) -> Callable:
+# Per-device micro-batch of the predict step on CPU backends when
+# config.eval.micro_batch is -1 (`resolve_micro_batch`).
+CPU_MICRO_BATCH = 32
+
+
+def resolve_micro_batch(micro_batch: int) -> int:
+  """config.eval.micro_batch -> examples per device per forward pass.
+
+  -1 (auto): `CPU_MICRO_BATCH` on CPU, where a batch that fits the caches
+  runs faster (`benchmarks/RESULTS.md`, "Inference in micro-batches"), and 0
+  on accelerators. 0 runs the whole per-device batch at once.
+  """
+  micro_batch = int(micro_batch)
+  if micro_batch < -1:
+    raise ValueError(f'eval.micro_batch={micro_batch}: expected -1 (auto), 0 '
+                     '(the whole batch) or a positive size.')
+  if micro_batch == -1:
+    return CPU_MICRO_BATCH if jax.default_backend() == 'cpu' else 0
+  return micro_batch
+
+
+def _chunk_size(per_device: int, micro_batch: int) -> int:
+  """The largest divisor of `per_device` that is at most `micro_batch`."""
+  if micro_batch <= 0 or micro_batch >= per_device:
+    return per_device
+  return max(d for d in range(1, micro_batch + 1) if per_device % d == 0)
+
+
+def make_predict_step(model, mesh: Mesh, params_shardings: Any,
+                      micro_batch: int = -1) -> Callable:
   """Jitted (params, {'image' or 'features'[, 'context']: batch}) -> unit-norm
   embeddings (and word logits), sharded by batch.
+
+  With a `micro_batch` (`resolve_micro_batch`), each device runs its share
+  of the batch in chunks of at most that many examples, one after another
+  (`jax.lax.map`). Every chunk takes rows from every device, so no data
+  moves between devices; the outputs are those of the whole batch.
 
   The function's `caption_encoder_dir` attribute (`CAPTION_SOURCE_ATTR`)
   names the SD folder of the contexts the model reads ('' if none).
   """
   batch_sharding = sharding.batch_sharding(mesh)
+  chunk_sharding = NamedSharding(mesh, P(None, sharding.DATA_AXIS))
+  data_size = mesh.shape[sharding.DATA_AXIS]
+  micro_batch = resolve_micro_batch(micro_batch)
 
-  def predict(params, inputs):
+  def forward(params, inputs):
     out = model.apply({'params': params}, **model_inputs(inputs))
     return {k: out[k] for k in ('embedding', 'word_logits') if k in out}
+
+  def predict(params, inputs):
+    per_device = jax.tree.leaves(inputs)[0].shape[0] // data_size
+    chunk = _chunk_size(per_device, micro_batch)
+    if chunk == per_device:
+      return forward(params, inputs)
+    count = per_device // chunk
+
+    def split(x):  # [D*count*chunk, ...] -> [count, D*chunk, ...]
+      x = x.reshape(data_size, count, chunk, *x.shape[1:])
+      return jnp.swapaxes(x, 0, 1).reshape(count, data_size * chunk,
+                                           *x.shape[3:])
+
+    def merge(y):  # [count, D*chunk, ...] -> [D*count*chunk, ...]
+      y = y.reshape(count, data_size, chunk, *y.shape[2:])
+      return jnp.swapaxes(y, 0, 1).reshape(-1, *y.shape[3:])
+
+    chunks = jax.lax.with_sharding_constraint(
+        jax.tree.map(split, inputs), chunk_sharding)
+    outs = jax.lax.map(lambda c: jax.lax.with_sharding_constraint(
+        forward(params, c), batch_sharding), chunks)
+    return jax.tree.map(merge, outs)
 
   step = jax.jit(predict, in_shardings=(params_shardings, batch_sharding),
                  out_shardings=batch_sharding)

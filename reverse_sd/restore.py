@@ -171,8 +171,9 @@ def load_run(workdir: str | pathlib.Path, step: int | None = None, *,
   params = _restore_params(workdir, step, abstract, state_shardings)
   return Run(workdir=workdir, config=config, model=model, params=params,
              mesh=mesh,
-             predict_step=evaluate.make_predict_step(model, mesh,
-                                                     state_shardings.params),
+             predict_step=evaluate.make_predict_step(
+                 model, mesh, state_shardings.params,
+                 micro_batch=config.eval.get('micro_batch', -1)),
              vocabulary=vocabulary, step=step, steps=tuple(steps),
              input_shape=input_shape, abstract_state=abstract,
              state_shardings=state_shardings)

@@ -208,8 +208,9 @@ def _setup(config, workdir: pathlib.Path, splits) -> _Run:
           model, config.loss, schedule, mesh, state_shardings,
           vocab_loss_weight=config.vocab.loss_weight,
           noise_seed=config.seed),
-      predict_step=evaluate.make_predict_step(model, mesh,
-                                              state_shardings.params),
+      predict_step=evaluate.make_predict_step(
+          model, mesh, state_shardings.params,
+          micro_batch=config.eval.get('micro_batch', -1)),
       manager=manager, stream=stream, examples_seen=examples_seen,
       total_steps=total_steps, stages=stages)
 

@@ -101,3 +101,18 @@ def test_profile_attributes_op_time_to_the_model_code(tmp_path):
   assert any(w.startswith('bwd backbone/conv') for w in wheres), wheres
   assert abs(sum(k['share'] for k in result['by_kind']) - 1) < 1e-6
   assert 'ms/step' in profile_step.format_case(result)
+
+
+def test_ab_step_builds_both_versions_and_times_them():
+  from benchmarks import ab_step  # pylint: disable=g-import-not-at-top
+  from reverse_sd.models import vit  # pylint: disable=g-import-not-at-top
+  before = vit.attention
+  for change in ('attention', 'micro_batch'):
+    args = ab_step._parse_args(  # pylint: disable=protected-access
+        ['--quick', f'--change={change}', '--cases=convnet_small'
+         if change == 'micro_batch' else '--cases=vit_b16'])
+    result = ab_step.run(args, devices=jax.devices()[:1])
+    for key in ('A', 'B'):
+      assert len(result['times_s'][key]['train']) == args.rounds
+      assert result['summary'][key]['infer']['median_s'] > 0
+  assert vit.attention is before  # The change is undone.

@@ -72,3 +72,18 @@ def test_bad_model_config_names_the_field(field, value):
 def test_vit_variants_are_the_clip_shapes():
   assert vit.VARIANTS['L/14'].width == 1024 and vit.VARIANTS['L/14'].layers == 24
   assert vit.VARIANTS['H/14'].width == 1280 and vit.VARIANTS['H/14'].layers == 32
+
+
+def test_encoder_layer_query_tokens_equal_the_full_layer_rows():
+  """The vision tower's last layer updates only the class token; that row
+  equals the full layer's first row, and the parameters are the same."""
+  cfg = vit.ViTConfig(width=32, layers=1, heads=4, mlp_dim=64, patch_size=4)
+  layer = vit.EncoderLayer(cfg)
+  x = jax.random.normal(jax.random.key(0), (3, 9, 32))
+  params = layer.init(jax.random.key(1), x)
+  assert jax.tree.map(jnp.shape, layer.init(
+      jax.random.key(1), x, query_tokens=1)) == jax.tree.map(jnp.shape, params)
+  full = layer.apply(params, x)
+  first = layer.apply(params, x, query_tokens=1)
+  assert first.shape == (3, 1, 32)
+  np.testing.assert_allclose(first, full[:, :1], rtol=1e-5, atol=1e-6)

@@ -12,6 +12,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from reverse_sd.models import conv
+from reverse_sd.models import dense
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,5 +42,5 @@ class ConvNet(nn.Module):
                             dtype=self.dtype, grad_impl=self.conv_grad,
                             name=f'conv{i}')(x))
     x = x.reshape(x.shape[0], -1)
-    return nn.relu(nn.Dense(self.config.output_dim, dtype=self.dtype,
+    return nn.relu(dense.Dense(self.config.output_dim, dtype=self.dtype,
                             name='readout')(x))

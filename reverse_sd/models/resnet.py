@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from reverse_sd.models import conv as conv_lib
+from reverse_sd.models import dense
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,12 +102,12 @@ class AttentionPool(nn.Module):
     x = x + pos.astype(x.dtype)
     head_dim = channels // self.heads
     split = lambda y: y.reshape(*y.shape[:-1], self.heads, head_dim)
-    dense = lambda c, name: nn.Dense(c, dtype=self.dtype, name=name)
-    q = split(dense(channels, 'q_proj')(x[:, :1]))
-    k = split(dense(channels, 'k_proj')(x))
-    v = split(dense(channels, 'v_proj')(x))
+    linear = lambda c, name: dense.Dense(c, dtype=self.dtype, name=name)
+    q = split(linear(channels, 'q_proj')(x[:, :1]))
+    k = split(linear(channels, 'k_proj')(x))
+    v = split(linear(channels, 'v_proj')(x))
     out = jax.nn.dot_product_attention(q, k, v)[:, 0]
-    return dense(self.output_dim, 'c_proj')(out.reshape(batch, channels))
+    return linear(self.output_dim, 'c_proj')(out.reshape(batch, channels))
 
 
 class ResNet(nn.Module):
@@ -138,7 +139,7 @@ class ResNet(nn.Module):
                            name='attnpool')(x)
     if cfg.pool == 'flatten':
       x = x.reshape(x.shape[0], -1)
-      return nn.gelu(nn.Dense(cfg.output_dim, dtype=self.dtype,
+      return nn.gelu(dense.Dense(cfg.output_dim, dtype=self.dtype,
                               name='flatten_proj')(x))
     raise ValueError(f'ResNetConfig.pool={cfg.pool!r}; expected '
                      "'attention' or 'flatten'.")

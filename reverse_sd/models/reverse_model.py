@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from reverse_sd.models import conv
+from reverse_sd.models import dense
 from reverse_sd.models import convnet
 from reverse_sd.models import heads
 from reverse_sd.models import resnet
@@ -65,7 +66,7 @@ class ReverseModel(nn.Module):
     if self.vocab_size:
       source = out['embedding' if self.vocab_head_input == 'embedding'
                    else 'features']
-      out['word_logits'] = nn.Dense(self.vocab_size, dtype=jnp.float32,
+      out['word_logits'] = dense.Dense(self.vocab_size, dtype=jnp.float32,
                                     name='vocab_head')(
                                         source.astype(jnp.float32))
     return out

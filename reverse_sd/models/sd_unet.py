@@ -36,6 +36,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from reverse_sd.models import conv
+from reverse_sd.models import dense
 from reverse_sd.models import sd_vae
 
 CROSS_ATTN_DOWN_BLOCK = 'CrossAttnDownBlock2D'
@@ -196,8 +197,8 @@ class TimestepEmbedding(nn.Module):
 
   @nn.compact
   def __call__(self, x_BxD):
-    x = nn.Dense(self.features, dtype=self.dtype, name='linear_1')(x_BxD)
-    return nn.Dense(self.features, dtype=self.dtype,
+    x = dense.Dense(self.features, dtype=self.dtype, name='linear_1')(x_BxD)
+    return dense.Dense(self.features, dtype=self.dtype,
                     name='linear_2')(nn.silu(x))
 
 
@@ -212,12 +213,12 @@ class Attention(nn.Module):
   def __call__(self, x_BxTxD, context_BxSxE=None):
     width = x_BxTxD.shape[-1]
     context = x_BxTxD if context_BxSxE is None else context_BxSxE
-    dense = lambda name, src: nn.Dense(width, use_bias=False,
+    linear = lambda name, src: dense.Dense(width, use_bias=False,
                                        dtype=self.dtype, name=name)(src)
     out = sd_vae.dot_product_attention(
-        dense('to_q', x_BxTxD), dense('to_k', context),
-        dense('to_v', context), self.heads, self.upcast)
-    return nn.Dense(width, dtype=self.dtype, name='to_out')(out)
+        linear('to_q', x_BxTxD), linear('to_k', context),
+        linear('to_v', context), self.heads, self.upcast)
+    return dense.Dense(width, dtype=self.dtype, name='to_out')(out)
 
 
 class FeedForward(nn.Module):
@@ -230,10 +231,10 @@ class FeedForward(nn.Module):
   def __call__(self, x_BxTxD):
     width = x_BxTxD.shape[-1]
     inner = 4 * width
-    h = nn.Dense(2 * inner, dtype=self.dtype, name='geglu_proj')(x_BxTxD)
+    h = dense.Dense(2 * inner, dtype=self.dtype, name='geglu_proj')(x_BxTxD)
     value, gate = jnp.split(h, 2, axis=-1)
     h = value * nn.gelu(gate, approximate=False)
-    return nn.Dense(width, dtype=self.dtype, name='out_proj')(h)
+    return dense.Dense(width, dtype=self.dtype, name='out_proj')(h)
 
 
 class BasicTransformerBlock(nn.Module):
@@ -272,12 +273,12 @@ class Transformer2D(nn.Module):
     h = sd_vae.group_norm(self.groups, TRANSFORMER_GROUP_NORM_EPS, self.dtype,
                           'norm')(x_BxHxWxC)
     h = h.reshape(batch, height * width, channels)
-    h = nn.Dense(channels, dtype=self.dtype, name='proj_in')(h)
+    h = dense.Dense(channels, dtype=self.dtype, name='proj_in')(h)
     for k in range(self.num_layers):
       h = BasicTransformerBlock(self.heads, self.upcast_attention, self.dtype,
                                 name=f'transformer_blocks_{k}')(
                                     h, context_BxSxE)
-    h = nn.Dense(channels, dtype=self.dtype, name='proj_out')(h)
+    h = dense.Dense(channels, dtype=self.dtype, name='proj_out')(h)
     return x_BxHxWxC + h.reshape(batch, height, width, channels)
 
 

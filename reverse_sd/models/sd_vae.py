@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from reverse_sd.models import conv
+from reverse_sd.models import dense
 
 # Every SD VAE encoder block (diffusers `DownEncoderBlock2D`).
 DOWN_ENCODER_BLOCK = 'DownEncoderBlock2D'
@@ -135,7 +136,7 @@ class ResnetBlock2D(nn.Module):
     h = conv3x3(self.out_channels, self.dtype, 'conv1')(
         nn.silu(norm('norm1')(x_BxHxWxC)))
     if temb_BxT is not None:
-      temb = nn.Dense(self.out_channels, dtype=self.dtype,
+      temb = dense.Dense(self.out_channels, dtype=self.dtype,
                       name='time_emb_proj')(nn.silu(temb_BxT))
       h = h + temb[:, None, None, :]
     h = conv3x3(self.out_channels, self.dtype, 'conv2')(
@@ -205,10 +206,10 @@ class SpatialSelfAttention(nn.Module):
     batch, height, width, channels = x_BxHxWxC.shape
     h = group_norm(self.groups, self.eps, self.dtype, 'group_norm')(x_BxHxWxC)
     h = h.reshape(batch, height * width, channels)
-    dense = lambda name: nn.Dense(channels, dtype=self.dtype, name=name)
-    h = dot_product_attention(dense('to_q')(h), dense('to_k')(h),
-                              dense('to_v')(h), self.heads)
-    h = dense('to_out')(h)
+    linear = lambda name: dense.Dense(channels, dtype=self.dtype, name=name)
+    h = dot_product_attention(linear('to_q')(h), linear('to_k')(h),
+                              linear('to_v')(h), self.heads)
+    h = linear('to_out')(h)
     return x_BxHxWxC + h.reshape(batch, height, width, channels)
 
 

@@ -32,6 +32,7 @@ import tokenizers
 
 from reverse_sd.convert import bert as bert_convert
 from reverse_sd.convert import core as convert_core
+from reverse_sd.models import dense
 
 EMBEDDING_DIM = 384
 
@@ -161,21 +162,21 @@ class BertSelfAttention(nn.Module):
   @nn.compact
   def __call__(self, x_BxTxH, mask_bias_Bx1x1xT):
     cfg = self.config
-    dense = functools.partial(nn.Dense, cfg.hidden_size, dtype=self.dtype,
+    linear = functools.partial(dense.Dense, cfg.hidden_size, dtype=self.dtype,
                               param_dtype=self.param_dtype)
     batch, length, _ = x_BxTxH.shape
     split = lambda y: y.reshape(batch, length, cfg.num_attention_heads,
                                 cfg.head_dim)
-    query_BxTxNxD = split(dense(name='query')(x_BxTxH))
-    key_BxTxNxD = split(dense(name='key')(x_BxTxH))
-    value_BxTxNxD = split(dense(name='value')(x_BxTxH))
+    query_BxTxNxD = split(linear(name='query')(x_BxTxH))
+    key_BxTxNxD = split(linear(name='key')(x_BxTxH))
+    value_BxTxNxD = split(linear(name='value')(x_BxTxH))
     logits_BxNxTxT = jnp.einsum('bqnd,bknd->bnqk', query_BxTxNxD, key_BxTxNxD)
     logits_BxNxTxT = logits_BxNxTxT / np.sqrt(cfg.head_dim).astype(self.dtype)
     weights_BxNxTxT = jax.nn.softmax(logits_BxNxTxT + mask_bias_Bx1x1xT)
     context_BxTxNxD = jnp.einsum('bnqk,bknd->bqnd', weights_BxNxTxT,
                                  value_BxTxNxD)
     context_BxTxH = context_BxTxNxD.reshape(batch, length, cfg.hidden_size)
-    return dense(name='output')(context_BxTxH)
+    return linear(name='output')(context_BxTxH)
 
 
 class BertLayer(nn.Module):
@@ -194,10 +195,10 @@ class BertLayer(nn.Module):
     attended = BertSelfAttention(cfg, name='attention', **kwargs)(
         x_BxTxH, mask_bias_Bx1x1xT)
     x_BxTxH = layer_norm(name='attention_layer_norm')(x_BxTxH + attended)
-    hidden_BxTxF = nn.Dense(cfg.intermediate_size, name='intermediate',
+    hidden_BxTxF = dense.Dense(cfg.intermediate_size, name='intermediate',
                             **kwargs)(x_BxTxH)
     hidden_BxTxF = nn.gelu(hidden_BxTxF, approximate=False)
-    out_BxTxH = nn.Dense(cfg.hidden_size, name='output', **kwargs)(hidden_BxTxF)
+    out_BxTxH = dense.Dense(cfg.hidden_size, name='output', **kwargs)(hidden_BxTxF)
     return layer_norm(name='output_layer_norm')(x_BxTxH + out_BxTxH)
 
 

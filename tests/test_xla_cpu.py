@@ -1,0 +1,154 @@
+"""Opt-in XLA:CPU flags (reverse_sd/xla_cpu.py) and the folded Dense."""
+
+import os
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from reverse_sd import xla_cpu
+from reverse_sd.models import dense
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+ON = {xla_cpu.OPT_IN_ENV: '1'}
+
+
+def test_nothing_without_opting_in():
+  env = {'XLA_FLAGS': '--a=1'}
+  assert not xla_cpu.apply_defaults(env, version=(0, 10))
+  assert env == {'XLA_FLAGS': '--a=1'}
+
+
+def test_flags_added_to_empty_flags():
+  env = dict(ON)
+  assert xla_cpu.apply_defaults(env, version=(0, 10))
+  assert env['XLA_FLAGS'] == ('--xla_cpu_use_onednn=true '
+                              '--xla_cpu_experimental_onednn_fusion_type='
+                              'individual_dot')
+
+
+def test_user_flags_win_and_are_kept():
+  env = dict(ON, XLA_FLAGS='--xla_force_host_platform_device_count=1 '
+                           '--xla_cpu_use_onednn=false')
+  assert xla_cpu.apply_defaults(env, version=(0, 10))
+  flags = env['XLA_FLAGS'].split()
+  assert flags[:2] == ['--xla_force_host_platform_device_count=1',
+                       '--xla_cpu_use_onednn=false']
+  assert '--xla_cpu_use_onednn=true' not in flags
+  assert len(flags) == 3  # The fusion-type default is still added.
+
+
+@pytest.mark.parametrize('env', [
+    dict(ON, XLA_FLAGS='--xla_force_host_platform_device_count=8'),
+    dict(ON, XLA_FLAGS='', JAX_NUM_CPU_DEVICES='2')])
+def test_several_cpu_devices_get_nothing(env):
+  # oneDNN calls crashed processes running several CPU devices at once.
+  before = dict(env)
+  assert not xla_cpu.apply_defaults(env, version=(0, 10))
+  assert env == before
+
+
+def test_this_test_process_runs_without_onednn():
+  # conftest.py asks for 8 devices before reverse_sd is imported.
+  assert jax.device_count() == 8
+  assert 'onednn' not in os.environ['XLA_FLAGS']
+
+
+def test_applying_twice_adds_nothing():
+  env = dict(ON)
+  xla_cpu.apply_defaults(env, version=(0, 10))
+  once = env['XLA_FLAGS']
+  xla_cpu.apply_defaults(env, version=(0, 10))
+  assert env['XLA_FLAGS'] == once
+
+
+@pytest.mark.parametrize('value', ['0', 'false', 'No', ''])
+def test_other_values_do_not_opt_in(value):
+  env = {xla_cpu.OPT_IN_ENV: value, 'XLA_FLAGS': '--a=1'}
+  assert not xla_cpu.apply_defaults(env, version=(0, 10))
+  assert env['XLA_FLAGS'] == '--a=1'
+
+
+def test_unchecked_jaxlib_gets_nothing():
+  # XLA exits on flags it does not know, so other versions are left alone.
+  env = dict(ON)
+  assert not xla_cpu.apply_defaults(env, version=(0, 9))
+  assert not xla_cpu.apply_defaults(env, version=(1, 0))
+  assert 'XLA_FLAGS' not in env
+
+
+def test_installed_jaxlib_is_checked():
+  assert xla_cpu.jaxlib_version() in xla_cpu.CHECKED_JAXLIB
+
+
+def test_import_sets_flags_in_a_fresh_process():
+  """A fresh process that opts in gets the flags from `import reverse_sd`.
+
+  Nothing is compiled with them here: oneDNN calls aborted even a 6x5x4
+  batched matmul in one of the suite's runs (the reason they are opt-in).
+  """
+  code = 'import os, reverse_sd\nprint(os.environ["XLA_FLAGS"])\n'
+  env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS='cpu', XLA_FLAGS='',
+             **ON)
+  out = subprocess.run([sys.executable, '-c', code], env=env, check=True,
+                       capture_output=True, text=True).stdout.split()
+  assert out == ['--xla_cpu_use_onednn=true',
+                 '--xla_cpu_experimental_onednn_fusion_type=individual_dot']
+
+
+def test_off_by_default_in_a_fresh_process():
+  code = ('import os, reverse_sd, jax, jax.numpy as jnp\n'
+          'hlo = jax.jit(jnp.matmul).lower(jnp.ones((6, 5, 4)), '
+          'jnp.ones((6, 4, 3))).compile().as_text()\n'
+          'print("onednn" in hlo)\n')
+  env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS='cpu', XLA_FLAGS='')
+  env.pop(xla_cpu.OPT_IN_ENV, None)
+  out = subprocess.run([sys.executable, '-c', code], env=env, check=True,
+                       capture_output=True, text=True).stdout.split()
+  assert out == ['False']
+
+
+@pytest.mark.parametrize('shape', [(5, 7), (2, 3, 7), (2, 3, 4, 7)])
+def test_dense_matches_flax_dense(shape):
+  x = jax.random.normal(jax.random.key(0), shape)
+  params = nn.Dense(6).init(jax.random.key(1), x)
+  ours = dense.Dense(6)
+  assert jax.tree.map(jnp.shape, ours.init(jax.random.key(1), x)) == (
+      jax.tree.map(jnp.shape, params))
+
+  def loss(module, p):
+    return jnp.sum(jnp.sin(module.apply(p, x)))
+
+  want, want_grad = jax.value_and_grad(lambda p: loss(nn.Dense(6), p))(params)
+  got, got_grad = jax.value_and_grad(lambda p: loss(ours, p))(params)
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5,
+                                                       atol=1e-6),
+               got_grad, want_grad)
+
+
+def test_dense_keeps_batch_sharding():
+  mesh = jax.make_mesh((8,), ('data',))
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(
+      'data'))
+  x = jax.device_put(jnp.ones((8, 5, 4)), sharding)
+  module = dense.Dense(3)
+  params = module.init(jax.random.key(0), x)
+  out = jax.jit(module.apply)(params, x)
+  assert out.shape == (8, 5, 3)
+  assert out.sharding.spec[0] == 'data'
+
+
+def test_flat_dot_general_leaves_other_patterns_alone():
+  a = jnp.ones((2, 3, 4))
+  b = jnp.ones((2, 4, 5))
+  batched = (((2,), (1,)), ((0,), (0,)))
+  np.testing.assert_array_equal(
+      dense.flat_dot_general(a, b, batched),
+      jax.lax.dot_general(a, b, batched))
