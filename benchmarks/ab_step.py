@@ -1,6 +1,5 @@
 r"""A/B of one code change, both versions in one process, steps alternated.
 
-  .venv/bin/python benchmarks/ab_step.py --change=attention   # ~4 min
   .venv/bin/python benchmarks/ab_step.py --change=dense       # ~4 min
   .venv/bin/python benchmarks/ab_step.py --change=micro_batch --cases=convnet_small
   .venv/bin/python benchmarks/ab_step.py --quick              # smoke
@@ -11,8 +10,6 @@ builds the project's train and predict steps of one case twice, (A) as the
 code stands and (B) with one change undone, then runs A, B, A, B, ... for
 `--rounds` rounds, so that drift hits both alike. Changes:
 
-- `attention`: A = `models.vit.attention` (head-major, float32 softmax),
-  B = `jax.nn.dot_product_attention`.
 - `dense`: A = `models.dense.flat_dot_general` (leading axes folded),
   B = `lax.dot_general` on the unfolded input (as `flax.linen.Dense`).
 - `micro_batch`: A = the predict step with `--micro_batch` (default -1:
@@ -42,14 +39,10 @@ from jax import lax
 from benchmarks import common
 from benchmarks import train_step
 from reverse_sd.models import dense
-from reverse_sd.models import vit
 # pylint: enable=wrong-import-position
 
 CHANGES = {
     # name: (module, attribute, the version B puts there)
-    'attention': (vit, 'attention',
-                  lambda q, k, v, mask=None: jax.nn.dot_product_attention(
-                      q, k, v, mask=mask)),
     'dense': (dense, 'flat_dot_general', lax.dot_general),
     'micro_batch': None,  # A config change: `run` builds B with 0.
 }
@@ -102,7 +95,7 @@ def run(args, devices=None) -> dict[str, Any]:
 
 def _parse_args(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-  parser.add_argument('--change', choices=sorted(CHANGES), default='attention')
+  parser.add_argument('--change', choices=sorted(CHANGES), default='dense')
   parser.add_argument('--cases', default='vit_b16',
                       help='one case of benchmarks/common.py CASES')
   parser.add_argument('--rounds', type=int, default=6)

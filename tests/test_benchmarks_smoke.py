@@ -105,9 +105,9 @@ def test_profile_attributes_op_time_to_the_model_code(tmp_path):
 
 def test_ab_step_builds_both_versions_and_times_them():
   from benchmarks import ab_step  # pylint: disable=g-import-not-at-top
-  from reverse_sd.models import vit  # pylint: disable=g-import-not-at-top
-  before = vit.attention
-  for change in ('attention', 'micro_batch'):
+  from reverse_sd.models import dense  # pylint: disable=g-import-not-at-top
+  before = dense.flat_dot_general
+  for change in ('dense', 'micro_batch'):
     args = ab_step._parse_args(  # pylint: disable=protected-access
         ['--quick', f'--change={change}', '--cases=convnet_small'
          if change == 'micro_batch' else '--cases=vit_b16'])
@@ -115,4 +115,4 @@ def test_ab_step_builds_both_versions_and_times_them():
     for key in ('A', 'B'):
       assert len(result['times_s'][key]['train']) == args.rounds
       assert result['summary'][key]['infer']['median_s'] > 0
-  assert vit.attention is before  # The change is undone.
+  assert dense.flat_dot_general is before  # The change is undone.

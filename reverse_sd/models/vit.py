@@ -91,34 +91,6 @@ def _activation(name: str):
   raise ValueError(f'Unknown activation {name!r}.')
 
 
-def attention(q_BxQxHxK, k_BxTxHxK, v_BxTxHxK, mask=None):
-  """Softmax attention, as `jax.nn.dot_product_attention` (XLA), computed
-  head-major: [B, H, Q, T] logits, float32 softmax.
-
-  Same result as `jax.nn.dot_product_attention`; a few per cent faster for
-  ViT-B/16 on XLA:CPU (`benchmarks/ab_step.py --change=attention`, numbers in
-  `benchmarks/RESULTS.md`).
-
-  Args:
-    q_BxQxHxK: queries.
-    k_BxTxHxK: keys.
-    v_BxTxHxK: values.
-    mask: optional boolean, broadcastable to [B, H, Q, T]; True where a query
-      may attend to a key.
-
-  Returns:
-    [B, Q, H, K], in the dtype of `v_BxTxHxK`.
-  """
-  scale = q_BxQxHxK.shape[-1] ** -0.5
-  q = (q_BxQxHxK * jnp.asarray(scale, q_BxQxHxK.dtype)).transpose(0, 2, 1, 3)
-  logits = jnp.einsum('bhqk,bthk->bhqt', q, k_BxTxHxK,
-                      preferred_element_type=jnp.float32)
-  if mask is not None:
-    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(logits, axis=-1).astype(v_BxTxHxK.dtype)
-  return jnp.einsum('bhqt,bthk->bqhk', probs, v_BxTxHxK)
-
-
 class Attention(nn.Module):
   """Multi-head self-attention with separate q/k/v projections."""
   width: int
@@ -145,7 +117,7 @@ class Attention(nn.Module):
     q = split(linear('q_proj')(queries))
     k = split(linear('k_proj')(x_BxTxD))
     v = split(linear('v_proj')(x_BxTxD))
-    out = attention(q, k, v, mask)
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask)
     out = out.reshape(*out.shape[:-2], self.width)
     return linear('out_proj')(out)
 
