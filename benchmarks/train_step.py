@@ -264,9 +264,15 @@ def measure_jax(spec: dict[str, Any], devices=None) -> dict[str, Any]:
       warmup=spec['infer_warmup'], steps=spec['infer_steps'])
   # XLA's cost analysis counts a loop body once: count the FLOPs of the
   # unchunked step (same function) when the step runs in micro-batches.
-  unchunked = evaluate_lib.make_predict_step(
-      built['model'], built['mesh'], built['shardings'].params, micro_batch=0)
-  flops = _flops(unchunked.lower(params, infer_batch).compile())
+  per_device = spec['infer_batch'] // num_devices
+  micro_batch = evaluate_lib.resolve_micro_batch(
+      built['config'].eval.micro_batch)
+  if evaluate_lib.chunk_size(per_device, micro_batch) < per_device:
+    unchunked = evaluate_lib.make_predict_step(
+        built['model'], built['mesh'], built['shardings'].params,
+        micro_batch=0)
+    compiled_predict = unchunked.lower(params, infer_batch).compile()
+  flops = _flops(compiled_predict)
   result['infer'] = dict(
       common.summarize(times), batch=spec['infer_batch'],
       compile_s=infer_compile_s, warmup_times_s=warmup_times,

@@ -81,7 +81,7 @@ def resolve_micro_batch(micro_batch: int) -> int:
   return micro_batch
 
 
-def _chunk_size(per_device: int, micro_batch: int) -> int:
+def chunk_size(per_device: int, micro_batch: int) -> int:
   """The largest divisor of `per_device` that is at most `micro_batch`."""
   if micro_batch <= 0 or micro_batch >= per_device:
     return per_device
@@ -112,7 +112,7 @@ def make_predict_step(model, mesh: Mesh, params_shardings: Any,
 
   def predict(params, inputs):
     per_device = jax.tree.leaves(inputs)[0].shape[0] // data_size
-    chunk = _chunk_size(per_device, micro_batch)
+    chunk = chunk_size(per_device, micro_batch)
     if chunk == per_device:
       return forward(params, inputs)
     count = per_device // chunk

@@ -65,7 +65,7 @@ def test_predict_in_micro_batches_equals_the_whole_batch(micro_batch, chunk):
   params = model.init(jax.random.key(1), images[:1])['params']
   replicated = jax.tree.map(lambda _: sharding.replicated(mesh), params)
   inputs = sharding.host_to_global({'image': np.asarray(images)}, mesh)
-  assert evaluate._chunk_size(4, micro_batch) == chunk  # pylint: disable=protected-access
+  assert evaluate.chunk_size(4, micro_batch) == chunk
   want = evaluate.make_predict_step(model, mesh, replicated, micro_batch=0)(
       params, inputs)
   got = evaluate.make_predict_step(model, mesh, replicated,
