@@ -15,6 +15,11 @@ code stands and (B) with one change undone, then runs A, B, A, B, ... for
 - `micro_batch`: A = the predict step with `--micro_batch` (default -1:
   auto), B = the whole inference batch at once (`config.eval.micro_batch=0`).
   Use it with `--cases=convnet_small`.
+- `ynn`: A = compiled without YNNPACK fusions (the project's XLA:CPU
+  default, `reverse_sd/xla_cpu.py`), B = XLA's own choice. Run it with
+  REVERSE_SD_XLA_CPU_DEFAULTS=0, so that the process keeps XLA's flags:
+    REVERSE_SD_XLA_CPU_DEFAULTS=0 .venv/bin/python benchmarks/ab_step.py \
+        --change=ynn --cases=convnet_small
 
 Prints a table of median and min step times and writes `--output` (default
 benchmarks/results/ab_step_<change>.json).
@@ -38,6 +43,7 @@ from jax import lax
 
 from benchmarks import common
 from benchmarks import train_step
+from reverse_sd import xla_cpu
 from reverse_sd.models import dense
 # pylint: enable=wrong-import-position
 
@@ -45,28 +51,41 @@ CHANGES = {
     # name: (module, attribute, the version B puts there)
     'dense': (dense, 'flat_dot_general', lax.dot_general),
     'micro_batch': None,  # A config change: `run` builds B with 0.
+    # XLA compiler options A compiles with; B with the process's flags.
+    'ynn': {'xla_cpu_experimental_ynn_fusion_type': ''},
 }
+YNN_NEEDS = (f'--change=ynn compares the project default (no YNNPACK '
+             f'fusions) with XLA\'s own: run it with '
+             f'{xla_cpu.DEFAULTS_ENV}=0 so that B gets XLA\'s choice.')
 
 
-def _build(case: dict[str, Any], args, devices) -> dict[str, Any]:
+def _build(case: dict[str, Any], args, devices,
+           compiler_options: dict[str, str] | None = None) -> dict[str, Any]:
   built = train_step.build_jax(train_step.make_spec(case, args), devices)
   return dict(
       built, state=built['state'],
-      train=built['step'].lower(built['state'], built['batch']).compile(),
+      train=built['step'].lower(built['state'], built['batch']).compile(
+          compiler_options),
       infer=built['predict'].lower(built['state'].params,
-                                   built['infer_batch']).compile())
+                                   built['infer_batch']).compile(
+                                       compiler_options))
 
 
 def run(args, devices=None) -> dict[str, Any]:
   """Builds A and B on `devices` (default: all), alternates them, returns
   the timings."""
   case = common.parse_cases(args.cases, quick=args.quick)[0]
-  variants = {'A': _build(case, args, devices)}
-  if CHANGES[args.change] is None:
-    variants['B'] = _build(case, argparse.Namespace(**dict(
-        vars(args), **{args.change: 0})), devices)
+  change = CHANGES[args.change]
+  if isinstance(change, dict):  # XLA compiler options, for A.
+    variants = {'A': _build(case, args, devices, change),
+                'B': _build(case, args, devices)}
+  elif change is None:  # A config value, 0 in B.
+    variants = {'A': _build(case, args, devices),
+                'B': _build(case, argparse.Namespace(**dict(
+                    vars(args), **{args.change: 0})), devices)}
   else:
-    module, name, version_b = CHANGES[args.change]
+    variants = {'A': _build(case, args, devices)}
+    module, name, version_b = change
     version_a = getattr(module, name)
     setattr(module, name, version_b)
     try:
@@ -90,7 +109,10 @@ def run(args, devices=None) -> dict[str, Any]:
       key: {phase: dict(median_s=statistics.median(t), min_s=min(t))
             for phase, t in phases.items()}
       for key, phases in times.items()}
-  return dict(change=args.change, case=case, times_s=times, summary=summary)
+  uses_ynn = {key: 'ynn_fusion' in v['train'].as_text()
+              for key, v in variants.items()}
+  return dict(change=args.change, case=case, times_s=times, summary=summary,
+              uses_ynn=uses_ynn)
 
 
 def _parse_args(argv=None):
@@ -119,6 +141,8 @@ def main(argv=None) -> None:
   started = time.time()
   busy = common.warn_if_busy()
   result = run(args)
+  if args.change == 'ynn' and not result['uses_ynn']['B']:
+    raise SystemExit(YNN_NEEDS)
   rows = []
   for key in ('A', 'B'):
     s = result['summary'][key]

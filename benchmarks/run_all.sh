@@ -2,14 +2,16 @@
 # Every CPU benchmark, one after another, for an otherwise idle machine:
 # train_step (JAX vs PyTorch; then the white-box SD 2.1 U-Net encoder, JAX
 # only; then the ConvNet with XLA's own convolution gradients, JAX only; then
-# both cases with the opt-in oneDNN flags, JAX only), ab_step (the Dense
-# and micro-batch changes, each A/B in one process),
+# both cases with the opt-in oneDNN flags, JAX only), kernels (the steps'
+# kernels alone, JAX against PyTorch, 1 and 2 threads; then JAX with XLA's
+# own YNNPACK choice), ab_step (the Dense, micro-batch and YNNPACK
+# changes, each A/B in one process),
 # profile_step (where the JAX step's time goes), input_pipeline, scaling
 # (8 fake devices vs 1) and dakl_scaling. Results go to
 # benchmarks/results/*.json, the console output also to
 # benchmarks/results/run_all.log.
 #
-#   bash benchmarks/run_all.sh            # ~55 minutes on 2 cores
+#   bash benchmarks/run_all.sh            # ~75 minutes on 2 cores
 #   bash benchmarks/run_all.sh --quick    # smoke run of every script
 #
 # A failing benchmark does not stop the others; the exit status is 1 if any
@@ -22,6 +24,7 @@ dakl=()
 unet=(--output=benchmarks/results/train_step_unet.json)
 xla=(--output=benchmarks/results/train_step_conv_grad_xla.json)
 onednn=(--output=benchmarks/results/train_step_onednn.json)
+kernels_ynn=(--output=benchmarks/results/kernels_xla_ynn.json)
 log=benchmarks/results/run_all.log
 for arg in "$@"; do
   case "${arg}" in
@@ -32,6 +35,7 @@ for arg in "$@"; do
       unet=(--output=benchmarks/results/train_step_unet_quick.json)
       xla=(--output=benchmarks/results/train_step_conv_grad_xla_quick.json)
       onednn=(--output=benchmarks/results/train_step_onednn_quick.json)
+      kernels_ynn=(--output=benchmarks/results/kernels_xla_ynn_quick.json)
       log=benchmarks/results/run_all_quick.log ;;
     *) echo "run_all.sh: unknown argument ${arg} (only --quick)" >&2; exit 2 ;;
   esac
@@ -69,6 +73,18 @@ run conv_grad_xla "${python}" benchmarks/train_step.py --cases=convnet_small \
   --frameworks=jax --conv_grad=xla "${xla[@]}" "${quick[@]+"${quick[@]}"}"
 run onednn env REVERSE_SD_XLA_CPU_ONEDNN=1 "${python}" \
   benchmarks/train_step.py --frameworks=jax --rounds=1 "${onednn[@]}" \
+  "${quick[@]+"${quick[@]}"}"
+run kernels "${python}" benchmarks/kernels.py "${quick[@]+"${quick[@]}"}"
+run kernels_xla_ynn env REVERSE_SD_XLA_CPU_DEFAULTS=0 "${python}" \
+  benchmarks/kernels.py --frameworks=jax "${kernels_ynn[@]}" \
+  "${quick[@]+"${quick[@]}"}"
+run ab_ynn_vit env REVERSE_SD_XLA_CPU_DEFAULTS=0 "${python}" \
+  benchmarks/ab_step.py --change=ynn --cases=vit_b16 \
+  --output=benchmarks/results/ab_step_ynn_vit_b16${quick:+_quick}.json \
+  "${quick[@]+"${quick[@]}"}"
+run ab_ynn_convnet env REVERSE_SD_XLA_CPU_DEFAULTS=0 "${python}" \
+  benchmarks/ab_step.py --change=ynn --cases=convnet_small --rounds=20 \
+  --output=benchmarks/results/ab_step_ynn_convnet_small${quick:+_quick}.json \
   "${quick[@]+"${quick[@]}"}"
 run ab_dense "${python}" benchmarks/ab_step.py --change=dense \
   "${quick[@]+"${quick[@]}"}"

@@ -2,6 +2,6 @@
 
 from reverse_sd import xla_cpu as _xla_cpu
 
-# Opt-in oneDNN flags (REVERSE_SD_XLA_CPU_ONEDNN=1, see xla_cpu.py), set
+# XLA:CPU flags (YNNPACK fusions off; opt-in oneDNN: see xla_cpu.py), set
 # before any JAX backend starts: XLA reads XLA_FLAGS then.
 _xla_cpu.apply_defaults()

@@ -1,24 +1,29 @@
-"""Opt-in XLA:CPU settings: oneDNN matrix products.
+"""XLA:CPU settings: YNNPACK fusions off (default), oneDNN dots (opt-in).
 
-jaxlib 0.10's XLA:CPU runs dots through its own kernels (XNNPACK/YNNPACK or
-Eigen) unless told otherwise; those run attention's batched products on one
-thread. With oneDNN's kernels, ViT-B/16 inference ran at 3.59 against 2.38
-img/s (separate runs) on the 2-core machine of `benchmarks/RESULTS.md`
-("Opt-in, not default").
+jaxlib 0.10's XLA:CPU hands dots, convolutions and reductions to YNNPACK
+("ynn_fusion" ops) unless told otherwise. On the 2-core machine of
+`benchmarks/RESULTS.md` its convolutions ran the default ConvNet's
+inference at about 1150 img/s against about 2000 without them, and
+ViT-B/16's step was 13% (training) and 16% (inference) slower with them
+(`benchmarks/ab_step.py --change=ynn`). So importing `reverse_sd` turns
+them off (`DEFAULT_FLAGS`): XLA then uses its own (Eigen) kernels, which
+every jaxlib before YNNPACK used. `REVERSE_SD_XLA_CPU_DEFAULTS=0` keeps
+XLA's choice.
 
-They are off by default: the flags are experimental in XLA, and with them
-processes crashed (segmentation fault or abort) here: `tests/test_clip.py`
-on 8 fake CPU devices in 3 of 6 runs; on one device, the white-box U-Net
-smoke case of `benchmarks/train_step.py --quick` once, and once a
-single jitted 6x5x4 batched matmul (in a test run of the suite).
+oneDNN's kernels for every dot (`ONEDNN_FLAGS`) are opt-in,
+`REVERSE_SD_XLA_CPU_ONEDNN=1`: they ran ViT-B/16 inference faster still,
+but the flags are experimental in XLA and with them processes crashed
+(segmentation fault or abort) here: `tests/test_clip.py` on 8 fake CPU
+devices in 3 of 6 runs; on one device, the white-box U-Net smoke case of
+`benchmarks/train_step.py --quick` once, and once a single jitted 6x5x4
+batched matmul (in a test run of the suite). They are never added when the
+process asks for more than one CPU device
+(`--xla_force_host_platform_device_count=N` or `JAX_NUM_CPU_DEVICES=N`,
+N > 1).
 
-`REVERSE_SD_XLA_CPU_ONEDNN=1` turns them on: importing `reverse_sd` then adds
-the flags below to `XLA_FLAGS`, except
-  * flags the variable already names (yours win), and
-  * when the process asks for more than one CPU device
-    (`--xla_force_host_platform_device_count=N` or `JAX_NUM_CPU_DEVICES=N`,
-    N > 1), and
-  * when the installed jaxlib is not a version the flags were checked with
+Either set is added to `XLA_FLAGS` only
+  * for flags the variable does not name already (yours win), and
+  * when the installed jaxlib is a version the flags were checked with
     (`CHECKED_JAXLIB`): XLA exits on a flag it does not know.
 XLA reads `XLA_FLAGS` when JAX starts its first backend, so this only takes
 effect when `reverse_sd` is imported before any JAX computation. The flags
@@ -29,10 +34,15 @@ from collections.abc import MutableMapping
 import importlib.metadata
 import os
 
+DEFAULTS_ENV = 'REVERSE_SD_XLA_CPU_DEFAULTS'
 OPT_IN_ENV = 'REVERSE_SD_XLA_CPU_ONEDNN'
 FAKE_DEVICES_FLAG = 'xla_force_host_platform_device_count'
-# (flag, value): oneDNN thunks, used for every single dot (batched or not).
+# (flag, value): no YNNPACK fusions (an empty list of fusion types).
 DEFAULT_FLAGS = (
+    ('xla_cpu_experimental_ynn_fusion_type', ''),
+)
+# (flag, value): oneDNN thunks, used for every single dot (batched or not).
+ONEDNN_FLAGS = (
     ('xla_cpu_use_onednn', 'true'),
     ('xla_cpu_experimental_onednn_fusion_type', 'individual_dot'),
 )
@@ -71,35 +81,47 @@ def cpu_device_count(environ: MutableMapping[str, str]) -> int:
     return 1
 
 
-def with_defaults(xla_flags: str) -> str:
-  """`xla_flags` plus each default flag it does not name already."""
+def with_flags(xla_flags: str, flags) -> str:
+  """`xla_flags` plus each (name, value) of `flags` it does not name."""
   named = _flag_values(xla_flags)
-  added = [f'--{name}={value}' for name, value in DEFAULT_FLAGS
-           if name not in named]
+  added = [f'--{name}={value}' for name, value in flags if name not in named]
   return ' '.join([xla_flags.strip()] + added).strip()
 
 
+def _is_set(environ: MutableMapping[str, str], name: str,
+            default: str) -> bool:
+  return environ.get(name, default).strip().lower() in ('1', 'true', 'yes')
+
+
+def flags_for(environ: MutableMapping[str, str],
+              version: tuple[int, int] | None = None
+              ) -> tuple[tuple[str, str], ...]:
+  """The (flag, value) pairs `environ` asks for (see the module doc)."""
+  version = jaxlib_version() if version is None else version
+  if version not in CHECKED_JAXLIB:
+    return ()
+  flags = DEFAULT_FLAGS if _is_set(environ, DEFAULTS_ENV, '1') else ()
+  if _is_set(environ, OPT_IN_ENV, '0') and cpu_device_count(environ) <= 1:
+    flags += ONEDNN_FLAGS
+  return flags
+
+
 def apply_defaults(environ: MutableMapping[str, str] | None = None,
-                   version: tuple[int, int] | None = None) -> bool:
-  """Adds `DEFAULT_FLAGS` to `environ['XLA_FLAGS']` if `environ` opts in
-  (see the module doc).
+                   version: tuple[int, int] | None = None
+                   ) -> tuple[str, ...]:
+  """Adds the flags of `flags_for` to `environ['XLA_FLAGS']`.
 
   Args:
     environ: the environment to change (default `os.environ`).
     version: jaxlib's (major, minor) (default: the installed one).
 
   Returns:
-    Whether the flags apply (False unless opted in, with several CPU
-    devices, or with an unchecked jaxlib version); flags the variable
-    already names are left as they are.
+    The names of the flags that apply (empty with an unchecked jaxlib, or
+    with both sets off); flags the variable already names are left as they
+    are.
   """
   environ = os.environ if environ is None else environ
-  if environ.get(OPT_IN_ENV, '0').strip().lower() not in ('1', 'true', 'yes'):
-    return False
-  if cpu_device_count(environ) > 1:
-    return False
-  version = jaxlib_version() if version is None else version
-  if version not in CHECKED_JAXLIB:
-    return False
-  environ['XLA_FLAGS'] = with_defaults(environ.get('XLA_FLAGS', ''))
-  return True
+  flags = flags_for(environ, version)
+  if flags:
+    environ['XLA_FLAGS'] = with_flags(environ.get('XLA_FLAGS', ''), flags)
+  return tuple(name for name, _ in flags)

@@ -107,7 +107,7 @@ def test_ab_step_builds_both_versions_and_times_them():
   from benchmarks import ab_step  # pylint: disable=g-import-not-at-top
   from reverse_sd.models import dense  # pylint: disable=g-import-not-at-top
   before = dense.flat_dot_general
-  for change in ('dense', 'micro_batch'):
+  for change in ('dense', 'micro_batch', 'ynn'):
     args = ab_step._parse_args(  # pylint: disable=protected-access
         ['--quick', f'--change={change}', '--cases=convnet_small'
          if change == 'micro_batch' else '--cases=vit_b16'])
@@ -115,4 +115,37 @@ def test_ab_step_builds_both_versions_and_times_them():
     for key in ('A', 'B'):
       assert len(result['times_s'][key]['train']) == args.rounds
       assert result['summary'][key]['infer']['median_s'] > 0
+    if change == 'ynn':
+      # A compiles without YNNPACK; this process (reverse_sd's default)
+      # too, so B does as well: the script itself asks for
+      # REVERSE_SD_XLA_CPU_DEFAULTS=0 to compare.
+      assert result['uses_ynn'] == {'A': False, 'B': False}
   assert dense.flat_dot_general is before  # The change is undone.
+
+
+def test_kernels_jax_worker_times_every_kernel_and_reports():
+  from benchmarks import kernels  # pylint: disable=g-import-not-at-top
+  args = kernels._parse_args(['--quick'])  # pylint: disable=protected-access
+  result = kernels.measure('jax', args.kernel_specs, threads=1, warmup=0,
+                           steps=1)
+  assert set(result['kernels']) == set(kernels.QUICK_KERNELS)
+  for name, timing in result['kernels'].items():
+    assert timing['median_s'] > 0, name
+    assert (timing['flops_per_s'] is None) == (
+        kernels.flops(kernels.QUICK_KERNELS[name]) is None), name
+  table = kernels.summarize({'jax_1t': [result], 'torch_1t': [{}]},
+                            args.kernel_specs)
+  report = kernels.format_report(table, ['jax_1t', 'torch_1t'])
+  assert 'attn_softmax' in report and 'ms' in report
+  assert 'jax/torch 1t' in report
+  # Full-size FLOP counts: the ViT-B/16 MLP product, the attention's two.
+  assert kernels.flops(kernels.KERNELS['vit_fc1']) == 2 * 1576 * 768 * 3072
+  assert kernels.flops(kernels.KERNELS['attention']) == (
+      2 * 2 * 8 * 12 * 197**2 * 64)
+  for bad in (['--kernels=nope'], ['--threads=0'], ['--frameworks=tf']):
+    try:
+      kernels._parse_args(bad)  # pylint: disable=protected-access
+    except SystemExit:
+      pass
+    else:
+      raise AssertionError(f'{bad}: expected an error')

@@ -1,4 +1,4 @@
-"""Opt-in XLA:CPU flags (reverse_sd/xla_cpu.py) and the folded Dense."""
+"""XLA:CPU flags (reverse_sd/xla_cpu.py) and the folded Dense."""
 
 import os
 import subprocess
@@ -16,48 +16,64 @@ from reverse_sd.models import dense
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+NO_YNN = '--xla_cpu_experimental_ynn_fusion_type='
+ONEDNN = ['--xla_cpu_use_onednn=true',
+          '--xla_cpu_experimental_onednn_fusion_type=individual_dot']
 ON = {xla_cpu.OPT_IN_ENV: '1'}
+OFF = {xla_cpu.DEFAULTS_ENV: '0'}
 
 
-def test_nothing_without_opting_in():
+def test_default_turns_ynnpack_off():
   env = {'XLA_FLAGS': '--a=1'}
+  assert xla_cpu.apply_defaults(env, version=(0, 10)) == (
+      'xla_cpu_experimental_ynn_fusion_type',)
+  assert env['XLA_FLAGS'] == '--a=1 ' + NO_YNN
+
+
+def test_defaults_off_leaves_flags_alone():
+  env = dict(OFF, XLA_FLAGS='--a=1')
   assert not xla_cpu.apply_defaults(env, version=(0, 10))
-  assert env == {'XLA_FLAGS': '--a=1'}
+  assert env['XLA_FLAGS'] == '--a=1'
 
 
-def test_flags_added_to_empty_flags():
+def test_onednn_flags_added_after_the_default():
   env = dict(ON)
-  assert xla_cpu.apply_defaults(env, version=(0, 10))
-  assert env['XLA_FLAGS'] == ('--xla_cpu_use_onednn=true '
-                              '--xla_cpu_experimental_onednn_fusion_type='
-                              'individual_dot')
+  xla_cpu.apply_defaults(env, version=(0, 10))
+  assert env['XLA_FLAGS'].split() == [NO_YNN] + ONEDNN
+  env = dict(ON, **OFF)
+  xla_cpu.apply_defaults(env, version=(0, 10))
+  assert env['XLA_FLAGS'].split() == ONEDNN
 
 
 def test_user_flags_win_and_are_kept():
   env = dict(ON, XLA_FLAGS='--xla_force_host_platform_device_count=1 '
-                           '--xla_cpu_use_onednn=false')
-  assert xla_cpu.apply_defaults(env, version=(0, 10))
+                           '--xla_cpu_use_onednn=false '
+                           '--xla_cpu_experimental_ynn_fusion_type=dot')
+  xla_cpu.apply_defaults(env, version=(0, 10))
   flags = env['XLA_FLAGS'].split()
-  assert flags[:2] == ['--xla_force_host_platform_device_count=1',
-                       '--xla_cpu_use_onednn=false']
-  assert '--xla_cpu_use_onednn=true' not in flags
-  assert len(flags) == 3  # The fusion-type default is still added.
+  assert flags == ['--xla_force_host_platform_device_count=1',
+                   '--xla_cpu_use_onednn=false',
+                   '--xla_cpu_experimental_ynn_fusion_type=dot', ONEDNN[1]]
 
 
 @pytest.mark.parametrize('env', [
     dict(ON, XLA_FLAGS='--xla_force_host_platform_device_count=8'),
     dict(ON, XLA_FLAGS='', JAX_NUM_CPU_DEVICES='2')])
-def test_several_cpu_devices_get_nothing(env):
-  # oneDNN calls crashed processes running several CPU devices at once.
-  before = dict(env)
-  assert not xla_cpu.apply_defaults(env, version=(0, 10))
-  assert env == before
+def test_several_cpu_devices_get_no_onednn(env):
+  # oneDNN calls crashed processes running several CPU devices at once;
+  # the YNNPACK default applies (this test suite runs with it, 8 devices).
+  xla_cpu.apply_defaults(env, version=(0, 10))
+  assert 'onednn' not in env['XLA_FLAGS']
+  assert NO_YNN in env['XLA_FLAGS'].split()
 
 
-def test_this_test_process_runs_without_onednn():
+def test_this_test_process_runs_without_ynnpack_and_onednn():
   # conftest.py asks for 8 devices before reverse_sd is imported.
   assert jax.device_count() == 8
   assert 'onednn' not in os.environ['XLA_FLAGS']
+  hlo = jax.jit(jnp.matmul).lower(jnp.ones((6, 5, 4)),
+                                  jnp.ones((6, 4, 3))).compile().as_text()
+  assert 'ynn_fusion' not in hlo
 
 
 def test_applying_twice_adds_nothing():
@@ -70,7 +86,7 @@ def test_applying_twice_adds_nothing():
 
 @pytest.mark.parametrize('value', ['0', 'false', 'No', ''])
 def test_other_values_do_not_opt_in(value):
-  env = {xla_cpu.OPT_IN_ENV: value, 'XLA_FLAGS': '--a=1'}
+  env = dict(OFF, XLA_FLAGS='--a=1', **{xla_cpu.OPT_IN_ENV: value})
   assert not xla_cpu.apply_defaults(env, version=(0, 10))
   assert env['XLA_FLAGS'] == '--a=1'
 
@@ -87,31 +103,38 @@ def test_installed_jaxlib_is_checked():
   assert xla_cpu.jaxlib_version() in xla_cpu.CHECKED_JAXLIB
 
 
+def _fresh(code: str, **env_vars) -> list[str]:
+  env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS='cpu', XLA_FLAGS='')
+  for name in (xla_cpu.OPT_IN_ENV, xla_cpu.DEFAULTS_ENV):
+    env.pop(name, None)
+  env.update(env_vars)
+  return subprocess.run([sys.executable, '-c', code], env=env, check=True,
+                        capture_output=True, text=True).stdout.split()
+
+
 def test_import_sets_flags_in_a_fresh_process():
   """A fresh process that opts in gets the flags from `import reverse_sd`.
 
-  Nothing is compiled with them here: oneDNN calls aborted even a 6x5x4
+  Nothing is compiled with oneDNN here: its calls aborted even a 6x5x4
   batched matmul in one of the suite's runs (the reason they are opt-in).
   """
   code = 'import os, reverse_sd\nprint(os.environ["XLA_FLAGS"])\n'
-  env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS='cpu', XLA_FLAGS='',
-             **ON)
-  out = subprocess.run([sys.executable, '-c', code], env=env, check=True,
-                       capture_output=True, text=True).stdout.split()
-  assert out == ['--xla_cpu_use_onednn=true',
-                 '--xla_cpu_experimental_onednn_fusion_type=individual_dot']
+  assert _fresh(code, **ON) == [NO_YNN] + ONEDNN
 
 
-def test_off_by_default_in_a_fresh_process():
-  code = ('import os, reverse_sd, jax, jax.numpy as jnp\n'
-          'hlo = jax.jit(jnp.matmul).lower(jnp.ones((6, 5, 4)), '
-          'jnp.ones((6, 4, 3))).compile().as_text()\n'
-          'print("onednn" in hlo)\n')
-  env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS='cpu', XLA_FLAGS='')
-  env.pop(xla_cpu.OPT_IN_ENV, None)
-  out = subprocess.run([sys.executable, '-c', code], env=env, check=True,
-                       capture_output=True, text=True).stdout.split()
-  assert out == ['False']
+_COMPILED = ('import os, reverse_sd, jax, jax.numpy as jnp\n'
+             'hlo = jax.jit(jnp.matmul).lower(jnp.ones((64, 64)), '
+             'jnp.ones((64, 64))).compile().as_text()\n'
+             'print("onednn" in hlo, "ynn_fusion" in hlo)\n')
+
+
+def test_default_fresh_process_compiles_without_ynnpack_or_onednn():
+  assert _fresh(_COMPILED) == ['False', 'False']
+
+
+def test_defaults_off_keeps_xla_choice():
+  # XLA's own default puts this product in a YNNPACK fusion.
+  assert _fresh(_COMPILED, **OFF) == ['False', 'True']
 
 
 @pytest.mark.parametrize('shape', [(5, 7), (2, 3, 7), (2, 3, 4, 7)])

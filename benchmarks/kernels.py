@@ -1,0 +1,413 @@
+r"""The kernels the ConvNet and ViT-B/16 steps are made of, JAX against PyTorch.
+
+  .venv/bin/python benchmarks/kernels.py            # -> results/kernels.json
+  .venv/bin/python benchmarks/kernels.py --quick    # smoke run, tiny shapes
+
+`train_step.py` says how fast each framework trains and predicts;
+`profile_step.py` says which ops the JAX step spends its time in. This script
+says why: it times those ops alone, at the shapes the two speed-table cases
+give them, in both frameworks, on 1 core and on all cores (2 here), so a
+row shows whether a kernel is slower than PyTorch's and whether it uses the
+second core at all. Kernels (`KERNELS`):
+
+- `matmul_2048`: the 2048^3 float32 product (`train_step.py`'s peak).
+- `vit_fc1`, `vit_fc1_wgrad`, `vit_qkv`: ViT-B/16's MLP product, its weight
+  gradient (x^T dy) and a q/k/v projection, at batch 8 (1576 tokens).
+- `attn_scores`: the batched q k^T product of one attention layer
+  (8 images x 12 heads of 197x64 by 64x197).
+- `attn_softmax`: the softmax over those scores (ms; no FLOPs counted).
+- `attention`, `attention_grad`: one layer's whole attention,
+  `jax.nn.dot_product_attention` against `F.scaled_dot_product_attention`,
+  forward, and forward + backward (q, k, v gradients).
+- `conv1`, `conv1_grad`: the ConvNet's second convolution (3x3, stride 2,
+  32 -> 64 channels on 32x32, batch 64), forward, and forward + backward
+  (input and kernel gradients; JAX through `models/conv.py`, the default).
+
+Each framework's worker is a fresh process pinned to the first N cores (N
+in `--threads`, torch.set_num_threads(N)), run in the order JAX, PyTorch,
+JAX, PyTorch (`--rounds`); a kernel's number is the median of `--steps`
+calls after `--warmup`, and the table the median over rounds. The script
+runs in both environments: the driver and JAX workers in `.venv`, the
+PyTorch workers with `--torch_python` (`.venv-ref`).
+"""
+
+import argparse
+import json
+import math
+import pathlib
+import statistics
+import sys
+import time
+from typing import Any
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+  sys.path.insert(0, str(REPO))
+
+# pylint: disable=wrong-import-position
+from benchmarks import common
+# pylint: enable=wrong-import-position
+
+DEFAULT_OUTPUT = 'benchmarks/results/kernels.json'
+FRAMEWORKS = ('jax', 'torch')
+
+# name -> kind and shapes. ViT-B/16 at batch 8: 8 x 197 = 1576 tokens of
+# width 768, MLP 3072, 12 heads of 64. The ConvNet's conv1: [64, 32, 32, 32]
+# (NHWC) by a 3x3x32x64 kernel, stride 2.
+KERNELS: dict[str, dict[str, Any]] = {
+    'matmul_2048': dict(kind='matmul', m=2048, k=2048, n=2048),
+    'vit_fc1': dict(kind='matmul', m=1576, k=768, n=3072),
+    'vit_fc1_wgrad': dict(kind='matmul_tn', m=768, k=1576, n=3072),
+    'vit_qkv': dict(kind='matmul', m=1576, k=768, n=768),
+    'attn_scores': dict(kind='bmm', b=96, m=197, k=64, n=197),
+    'attn_softmax': dict(kind='softmax', shape=(8, 12, 197, 197)),
+    'attention': dict(kind='attention', b=8, t=197, h=12, d=64, grad=False),
+    'attention_grad': dict(kind='attention', b=8, t=197, h=12, d=64,
+                           grad=True),
+    'conv1': dict(kind='conv', b=64, size=32, c=32, o=64, grad=False),
+    'conv1_grad': dict(kind='conv', b=64, size=32, c=32, o=64, grad=True),
+}
+QUICK_KERNELS: dict[str, dict[str, Any]] = {
+    'matmul_2048': dict(kind='matmul', m=64, k=64, n=64),
+    'vit_fc1': dict(kind='matmul', m=40, k=32, n=64),
+    'vit_fc1_wgrad': dict(kind='matmul_tn', m=32, k=40, n=64),
+    'vit_qkv': dict(kind='matmul', m=40, k=32, n=32),
+    'attn_scores': dict(kind='bmm', b=4, m=5, k=16, n=5),
+    'attn_softmax': dict(kind='softmax', shape=(2, 2, 5, 5)),
+    'attention': dict(kind='attention', b=2, t=5, h=2, d=16, grad=False),
+    'attention_grad': dict(kind='attention', b=2, t=5, h=2, d=16, grad=True),
+    'conv1': dict(kind='conv', b=2, size=8, c=4, o=8, grad=False),
+    'conv1_grad': dict(kind='conv', b=2, size=8, c=4, o=8, grad=True),
+}
+
+
+def flops(spec: dict[str, Any]) -> float | None:
+  """FLOPs of one call (2 per multiply-add; None for the softmax)."""
+  kind = spec['kind']
+  if kind in ('matmul', 'matmul_tn'):
+    return 2.0 * spec['m'] * spec['k'] * spec['n']
+  if kind == 'bmm':
+    return 2.0 * spec['b'] * spec['m'] * spec['k'] * spec['n']
+  if kind == 'attention':
+    # q k^T and p v: 2 products; the backward pass 4 more.
+    products = 6 if spec['grad'] else 2
+    return products * 2.0 * spec['b'] * spec['h'] * spec['t']**2 * spec['d']
+  if kind == 'conv':
+    out = math.ceil(spec['size'] / 2)
+    forward = 2.0 * spec['b'] * out * out * 9 * spec['c'] * spec['o']
+    return 3 * forward if spec['grad'] else forward
+  return None
+
+
+# ---------------------------------------------------------------------------
+# Workers: each returns {name: fn()} of zero-argument calls that block.
+# ---------------------------------------------------------------------------
+
+
+def jax_kernels(kernels: dict[str, dict[str, Any]]):
+  """name -> a call that runs the compiled JAX kernel once and blocks."""
+  # pylint: disable=g-import-not-at-top
+  import reverse_sd  # pylint: disable=unused-import  # XLA:CPU settings.
+  import jax
+  import jax.numpy as jnp
+  from reverse_sd.models import conv
+  # pylint: enable=g-import-not-at-top
+
+  keys = iter(jax.random.split(jax.random.key(0), 64))
+  normal = lambda *shape: jax.random.normal(next(keys), shape, jnp.float32)
+  calls = {}
+  for name, spec in kernels.items():
+    kind = spec['kind']
+    if kind == 'matmul':
+      fn, args = jnp.matmul, (normal(spec['m'], spec['k']),
+                              normal(spec['k'], spec['n']))
+    elif kind == 'matmul_tn':
+      fn = lambda a, b: a.T @ b
+      args = (normal(spec['k'], spec['m']), normal(spec['k'], spec['n']))
+    elif kind == 'bmm':
+      fn = lambda a, b: jnp.einsum('bmk,bnk->bmn', a, b)
+      args = (normal(spec['b'], spec['m'], spec['k']),
+              normal(spec['b'], spec['n'], spec['k']))
+    elif kind == 'softmax':
+      fn, args = lambda x: jax.nn.softmax(x, axis=-1), (normal(*spec['shape']),)
+    elif kind == 'attention':
+      qkv = [normal(spec['b'], spec['t'], spec['h'], spec['d'])
+             for _ in range(3)]
+      if spec['grad']:
+        # Forward + backward; the cotangent is an input, as in the model.
+        def fn(q, k, v, dout):
+          out, vjp = jax.vjp(jax.nn.dot_product_attention, q, k, v)
+          return out, vjp(dout)
+        args = (*qkv, normal(spec['b'], spec['t'], spec['h'], spec['d']))
+      else:
+        fn, args = jax.nn.dot_product_attention, tuple(qkv)
+    elif kind == 'conv':
+      out = math.ceil(spec['size'] / 2)
+      x = normal(spec['b'], spec['size'], spec['size'], spec['c'])
+      kernel = normal(3, 3, spec['c'], spec['o'])
+      forward = lambda x, k: conv.conv2d(x, k, (2, 2), 'SAME')
+      if spec['grad']:
+        def fn(x, k, dy, forward=forward):
+          out, vjp = jax.vjp(forward, x, k)
+          return out, vjp(dy)
+        args = (x, kernel, normal(spec['b'], out, out, spec['o']))
+      else:
+        fn, args = forward, (x, kernel)
+    else:
+      raise ValueError(f'Unknown kernel kind {kind!r}.')
+    compiled = jax.jit(fn).lower(*args).compile()
+    calls[name] = (lambda c=compiled, a=args: jax.block_until_ready(c(*a)))
+  return calls, {'jax': jax.__version__, 'backend': jax.default_backend()}
+
+
+def torch_kernels(kernels: dict[str, dict[str, Any]], threads: int):
+  """name -> a call that runs the PyTorch kernel once (eager, float32)."""
+  # pylint: disable=g-import-not-at-top
+  import torch
+  import torch.nn.functional as F
+  # pylint: enable=g-import-not-at-top
+
+  torch.set_num_threads(threads)
+  torch.manual_seed(0)
+  calls = {}
+  for name, spec in kernels.items():
+    kind = spec['kind']
+    if kind == 'matmul':
+      a, b = torch.randn(spec['m'], spec['k']), torch.randn(spec['k'],
+                                                              spec['n'])
+      fn = lambda a=a, b=b: a @ b
+    elif kind == 'matmul_tn':
+      a, b = torch.randn(spec['k'], spec['m']), torch.randn(spec['k'],
+                                                              spec['n'])
+      fn = lambda a=a, b=b: a.T @ b
+    elif kind == 'bmm':
+      a = torch.randn(spec['b'], spec['m'], spec['k'])
+      b = torch.randn(spec['b'], spec['n'], spec['k'])
+      fn = lambda a=a, b=b: torch.bmm(a, b.transpose(1, 2))
+    elif kind == 'softmax':
+      x = torch.randn(*spec['shape'])
+      fn = lambda x=x: torch.softmax(x, dim=-1)
+    elif kind == 'attention':
+      # [B, heads, T, d]: the layout CLIPVisionModel's SDPA call uses.
+      shape = (spec['b'], spec['h'], spec['t'], spec['d'])
+      q, k, v = (torch.randn(*shape, requires_grad=spec['grad'])
+                 for _ in range(3))
+      if spec['grad']:
+        dout = torch.randn(*shape)
+
+        def fn(q=q, k=k, v=v, dout=dout):
+          out = F.scaled_dot_product_attention(q, k, v)
+          return torch.autograd.grad(out, (q, k, v), dout)
+      else:
+        fn = lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v)
+    elif kind == 'conv':
+      # NCHW as the reference ConvNet (`torch_reference.py`); 'SAME' for an
+      # even size and stride 2 pads one pixel after.
+      x = torch.randn(spec['b'], spec['c'], spec['size'], spec['size'],
+                      requires_grad=spec['grad'])
+      weight = torch.randn(spec['o'], spec['c'], 3, 3,
+                           requires_grad=spec['grad'])
+      pad = (0, 1, 0, 1) if spec['size'] % 2 == 0 else (1, 1, 1, 1)
+      if spec['grad']:
+        out = math.ceil(spec['size'] / 2)
+        dy = torch.randn(spec['b'], spec['o'], out, out)
+
+        def fn(x=x, weight=weight, dy=dy, pad=pad):
+          y = F.conv2d(F.pad(x, pad), weight, stride=2)
+          return torch.autograd.grad(y, (x, weight), dy)
+      else:
+        fn = lambda x=x, w=weight, pad=pad: F.conv2d(F.pad(x, pad), w,
+                                                     stride=2)
+    else:
+      raise ValueError(f'Unknown kernel kind {kind!r}.')
+    calls[name] = fn
+  return calls, {'torch': torch.__version__,
+                 'mkldnn': torch.backends.mkldnn.is_available()}
+
+
+def measure(framework: str, kernels: dict[str, dict[str, Any]], *,
+            threads: int, warmup: int, steps: int) -> dict[str, Any]:
+  """Times every kernel of `kernels` in this process."""
+  if framework == 'jax':
+    calls, versions = jax_kernels(kernels)
+  elif framework == 'torch':
+    calls, versions = torch_kernels(kernels, threads)
+  else:
+    raise ValueError(f'Unknown framework {framework!r}.')
+  results = {}
+  for name, call in calls.items():
+    _, times = common.time_steps(call, warmup=warmup, steps=steps)
+    summary = common.summarize(times)
+    count = flops(kernels[name])
+    results[name] = dict(summary, flops=count, flops_per_s=(
+        count / summary['median_s'] if count else None))
+  return {'framework': framework, 'threads': threads, 'versions': versions,
+          'cores': common.cores(), 'kernels': results}
+
+
+# ---------------------------------------------------------------------------
+# The driver.
+# ---------------------------------------------------------------------------
+
+
+def _median(values):
+  values = [v for v in values if v is not None]
+  return statistics.median(values) if values else None
+
+
+def summarize(runs: dict[str, list[dict[str, Any]]],
+              kernels: dict[str, dict[str, Any]]) -> dict[str, Any]:
+  """{kernel: {'<framework>_<threads>t': {median_s, gflops}}} over rounds."""
+  table = {}
+  for name in kernels:
+    row = {}
+    for key, results in runs.items():
+      times = [r['kernels'][name]['median_s'] for r in results
+               if 'kernels' in r and name in r['kernels']]
+      median = _median(times)
+      count = flops(kernels[name])
+      row[key] = {'median_s': median, 'rounds': len(times),
+                  'gflops': count / median / 1e9 if count and median
+                            else None}
+    table[name] = row
+  return table
+
+
+def _value(cell: dict[str, Any] | None, by: str) -> float | None:
+  if not cell or cell.get('median_s') is None:
+    return None
+  return cell['gflops'] if by == 'gflops' else cell['median_s'] * 1e3
+
+
+def format_report(table: dict[str, Any], keys: list[str]) -> str:
+  """One row per kernel: GFLOP/s per framework and thread count (ms where
+  the kernel has no FLOP count), JAX over PyTorch, and N- over 1-thread."""
+  threads = sorted({int(k.rsplit('_', 1)[1][:-1]) for k in keys})
+  headers = ['kernel', 'unit'] + keys
+  ratio_keys = []
+  for n in threads:
+    if f'jax_{n}t' in keys and f'torch_{n}t' in keys:
+      ratio_keys.append((f'jax/torch {n}t', f'jax_{n}t', f'torch_{n}t'))
+  if len(threads) > 1:
+    low, high = threads[0], threads[-1]
+    for framework in FRAMEWORKS:
+      if f'{framework}_{low}t' in keys and f'{framework}_{high}t' in keys:
+        ratio_keys.append((f'{framework} {high}t/{low}t',
+                           f'{framework}_{high}t', f'{framework}_{low}t'))
+  headers += [label for label, _, _ in ratio_keys]
+  rows = []
+  for name, row in table.items():
+    by = 'gflops' if any(c.get('gflops') for c in row.values()) else 'ms'
+    values = [_value(row.get(key), by) for key in keys]
+    ratios = []
+    for _, a, b in ratio_keys:
+      ta, tb = (row.get(a) or {}).get('median_s'), (row.get(b) or {}).get(
+          'median_s')
+      ratios.append(f'{tb / ta:.2f}x' if ta and tb else None)
+    rows.append([name, 'GFLOP/s' if by == 'gflops' else 'ms'] + values +
+                ratios)
+  return common.format_table(headers, rows)
+
+
+def _parse_args(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--kernels', default=','.join(KERNELS),
+                      help=f'comma-separated, of {list(KERNELS)}')
+  parser.add_argument('--frameworks', default=','.join(FRAMEWORKS))
+  parser.add_argument('--threads', default=f'1,{len(common.cores())}',
+                      help='comma-separated core counts per worker')
+  parser.add_argument('--rounds', type=int, default=2)
+  parser.add_argument('--warmup', type=int, default=3)
+  parser.add_argument('--steps', type=int, default=20)
+  parser.add_argument('--torch_python',
+                      default=str(REPO / '.venv-ref' / 'bin' / 'python'))
+  parser.add_argument('--worker_timeout', type=float, default=1800)
+  parser.add_argument('--quick', action='store_true',
+                      help='smoke run: tiny shapes, 1 round, 2+3 calls')
+  parser.add_argument('--output', default=DEFAULT_OUTPUT)
+  # Worker mode (the driver runs this file in subprocesses).
+  parser.add_argument('--worker', default='', choices=('',) + FRAMEWORKS,
+                      help=argparse.SUPPRESS)
+  args = parser.parse_args(argv)
+  if args.quick:
+    args.rounds, args.warmup, args.steps = 1, common.QUICK_WARMUP, \
+        common.QUICK_STEPS
+    if args.output == DEFAULT_OUTPUT:
+      args.output = 'benchmarks/results/kernels_quick.json'
+  table = QUICK_KERNELS if args.quick else KERNELS
+  names = [k.strip() for k in args.kernels.split(',') if k.strip()]
+  unknown = sorted(set(names) - set(table))
+  if unknown or not names:
+    parser.error(f'--kernels: unknown {unknown}; choose from {list(table)}.')
+  args.kernel_specs = {name: table[name] for name in names}
+  frameworks = args.frameworks.split(',')
+  if set(frameworks) - set(FRAMEWORKS) or not frameworks:
+    parser.error(f'--frameworks={args.frameworks}: choose from '
+                 f'{FRAMEWORKS}.')
+  args.framework_list = [f for f in FRAMEWORKS if f in frameworks]
+  try:
+    args.thread_list = sorted({int(t) for t in args.threads.split(',')})
+  except ValueError:
+    parser.error(f'--threads={args.threads}: expected integers, e.g. 1,2.')
+  if not all(1 <= t <= len(common.cores()) for t in args.thread_list):
+    parser.error(f'--threads={args.threads}: this process may use '
+                 f'{len(common.cores())} cores.')
+  if args.rounds < 1 or args.steps < 1 or args.warmup < 0:
+    parser.error('--rounds and --steps must be >= 1, --warmup >= 0.')
+  return args
+
+
+def _worker_command(args, framework: str, threads: int) -> list[str]:
+  python = sys.executable if framework == 'jax' else args.torch_python
+  return [python, str(pathlib.Path(__file__).resolve()),
+          f'--worker={framework}', f'--threads={threads}',
+          f'--kernels={args.kernels}', f'--warmup={args.warmup}',
+          f'--steps={args.steps}'] + (['--quick'] if args.quick else [])
+
+
+def main(argv=None) -> None:
+  args = _parse_args(argv)
+  if args.worker:
+    threads, = args.thread_list
+    print(json.dumps(measure(args.worker, args.kernel_specs, threads=threads,
+                             warmup=args.warmup, steps=args.steps)))
+    return
+  if 'torch' in args.framework_list and not pathlib.Path(
+      args.torch_python).exists():
+    raise SystemExit(f'--torch_python={args.torch_python} does not exist: '
+                     'make it with bash tools/reference/setup_env.sh, or pass '
+                     '--frameworks=jax.')
+  started = time.time()
+  busy = common.warn_if_busy()
+  runs = {f'{f}_{n}t': [] for n in args.thread_list
+          for f in args.framework_list}
+  for threads in args.thread_list:
+    for round_index in range(args.rounds):
+      for framework in args.framework_list:
+        label = f'{framework} {threads} thread(s) round {round_index + 1}'
+        common.log(f'{label} ...')
+        result = common.run_worker(
+            _worker_command(args, framework, threads),
+            common.worker_env(threads=threads),
+            timeout_s=args.worker_timeout,
+            cpu_list=common.cores()[:threads])
+        if 'error' in result:
+          common.log(f'{label} FAILED ({result["error"]}):\n'
+                     f'{result.get("stderr_tail", "")[-1500:]}')
+        runs[f'{framework}_{threads}t'].append(result)
+  table = summarize(runs, args.kernel_specs)
+  payload = {'benchmark': 'kernels', 'date': common.now(),
+             'git': common.git_revision(), 'machine': common.machine(),
+             'busy_cores_at_start': busy,
+             'argv': [sys.executable] + sys.argv,
+             'settings': {k: v for k, v in vars(args).items()
+                          if k != 'kernel_specs'},
+             'kernels': args.kernel_specs, 'runs': runs, 'summary': table,
+             'total_s': time.time() - started}
+  path = common.write_json(args.output, payload)
+  print(format_report(table, list(runs)))
+  print(f'wrote {path} ({payload["total_s"]:.0f} s)')
+
+
+if __name__ == '__main__':
+  main()
