@@ -15,6 +15,9 @@ code stands and (B) with one change undone, then runs A, B, A, B, ... for
 - `micro_batch`: A = the predict step with `--micro_batch` (default -1:
   auto), B = the whole inference batch at once (`config.eval.micro_batch=0`).
   Use it with `--cases=convnet_small`.
+- `conv_grad`: A = the convolution gradients of `--conv_grad` (default
+  auto), B = XLA's own (`config.model.conv_grad='xla'`). Use it with
+  `--cases=convnet_small`.
 - `ynn`: A = compiled without YNNPACK fusions (the project's XLA:CPU
   default, `reverse_sd/xla_cpu.py`), B = XLA's own choice. Run it with
   REVERSE_SD_XLA_CPU_DEFAULTS=0, so that the process keeps XLA's flags:
@@ -50,7 +53,9 @@ from reverse_sd.models import dense
 CHANGES = {
     # name: (module, attribute, the version B puts there)
     'dense': (dense, 'flat_dot_general', lax.dot_general),
-    'micro_batch': None,  # A config change: `run` builds B with 0.
+    # Config changes: (the flag, its value in B).
+    'micro_batch': ('micro_batch', 0),
+    'conv_grad': ('conv_grad', 'xla'),
     # XLA compiler options A compiles with; B with the process's flags.
     'ynn': {'xla_cpu_experimental_ynn_fusion_type': ''},
 }
@@ -79,10 +84,11 @@ def run(args, devices=None) -> dict[str, Any]:
   if isinstance(change, dict):  # XLA compiler options, for A.
     variants = {'A': _build(case, args, devices, change),
                 'B': _build(case, args, devices)}
-  elif change is None:  # A config value, 0 in B.
+  elif isinstance(change[0], str):  # A config flag, `change[1]` in B.
+    flag, value_b = change
     variants = {'A': _build(case, args, devices),
                 'B': _build(case, argparse.Namespace(**dict(
-                    vars(args), **{args.change: 0})), devices)}
+                    vars(args), **{flag: value_b})), devices)}
   else:
     variants = {'A': _build(case, args, devices)}
     module, name, version_b = change

@@ -5,7 +5,7 @@
 # both cases with the opt-in oneDNN flags, JAX only), kernels (the steps'
 # kernels alone, JAX against PyTorch, 1 and 2 threads; then JAX with XLA's
 # own YNNPACK choice), ab_step (the Dense, micro-batch and YNNPACK
-# changes, each A/B in one process),
+# changes and XLA's convolution gradients, each A/B in one process),
 # profile_step (where the JAX step's time goes), input_pipeline, scaling
 # (8 fake devices vs 1) and dakl_scaling. Results go to
 # benchmarks/results/*.json, the console output also to
@@ -90,6 +90,8 @@ run ab_dense "${python}" benchmarks/ab_step.py --change=dense \
   "${quick[@]+"${quick[@]}"}"
 run ab_micro_batch "${python}" benchmarks/ab_step.py --change=micro_batch \
   --cases=convnet_small "${quick[@]+"${quick[@]}"}"
+run ab_conv_grad "${python}" benchmarks/ab_step.py --change=conv_grad \
+  --cases=convnet_small --rounds=20 "${quick[@]+"${quick[@]}"}"
 run profile_step "${python}" benchmarks/profile_step.py "${quick[@]+"${quick[@]}"}"
 run input_pipeline "${python}" benchmarks/input_pipeline.py "${quick[@]+"${quick[@]}"}"
 run scaling "${python}" benchmarks/scaling.py "${quick[@]+"${quick[@]}"}"

@@ -69,8 +69,10 @@ def resolve_micro_batch(micro_batch: int) -> int:
   """config.eval.micro_batch -> examples per device per forward pass.
 
   -1 (auto): `CPU_MICRO_BATCH` on CPU, where a batch that fits the caches
-  runs faster (`benchmarks/RESULTS.md`, "Inference in micro-batches"), and 0
-  on accelerators. 0 runs the whole per-device batch at once.
+  ran 1.16x faster with XLA's YNNPACK kernels and the same without them
+  (`benchmarks/RESULTS.md`, "Micro-batches and convolution gradients
+  without YNNPACK"), and 0 on accelerators. 0 runs the whole per-device
+  batch at once.
   """
   micro_batch = int(micro_batch)
   if micro_batch < -1:

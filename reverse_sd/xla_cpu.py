@@ -3,8 +3,8 @@
 jaxlib 0.10's XLA:CPU hands dots, convolutions and reductions to YNNPACK
 ("ynn_fusion" ops) unless told otherwise. On the 2-core machine of
 `benchmarks/RESULTS.md` its convolutions ran the default ConvNet's
-inference at about 1150 img/s against about 2000 without them, and
-ViT-B/16's step was 13% (training) and 16% (inference) slower with them
+inference at about 1200 img/s against about 2000 without them, and
+ViT-B/16's step was 8% (training) and 15% (inference) slower with them
 (`benchmarks/ab_step.py --change=ynn`). So importing `reverse_sd` turns
 them off (`DEFAULT_FLAGS`): XLA then uses its own (Eigen) kernels, which
 every jaxlib before YNNPACK used. `REVERSE_SD_XLA_CPU_DEFAULTS=0` keeps
