@@ -115,10 +115,12 @@ def run(args, devices=None) -> dict[str, Any]:
       key: {phase: dict(median_s=statistics.median(t), min_s=min(t))
             for phase, t in phases.items()}
       for key, phases in times.items()}
-  uses_ynn = {key: 'ynn_fusion' in v['train'].as_text()
-              for key, v in variants.items()}
-  return dict(change=args.change, case=case, times_s=times, summary=summary,
-              uses_ynn=uses_ynn)
+  result = dict(change=args.change, case=case, times_s=times,
+                summary=summary)
+  if args.change == 'ynn':
+    result['uses_ynn'] = {key: 'ynn_fusion' in v['train'].as_text()
+                          for key, v in variants.items()}
+  return result
 
 
 def _parse_args(argv=None):

@@ -33,6 +33,7 @@ touch only the CPU backend.
 from collections.abc import MutableMapping
 import importlib.metadata
 import os
+import warnings
 
 DEFAULTS_ENV = 'REVERSE_SD_XLA_CPU_DEFAULTS'
 OPT_IN_ENV = 'REVERSE_SD_XLA_CPU_ONEDNN'
@@ -88,9 +89,20 @@ def with_flags(xla_flags: str, flags) -> str:
   return ' '.join([xla_flags.strip()] + added).strip()
 
 
+_ON = ('1', 'true', 'yes')
+_OFF = ('0', 'false', 'no', '')
+
+
 def _is_set(environ: MutableMapping[str, str], name: str,
             default: str) -> bool:
-  return environ.get(name, default).strip().lower() in ('1', 'true', 'yes')
+  """Whether `environ[name]` says on; a value that is neither on nor off
+  warns (naming the variable) and counts as `default`."""
+  value = environ.get(name, default).strip().lower()
+  if value not in _ON + _OFF:
+    warnings.warn(f'{name}={environ[name]!r} is not one of {_ON + _OFF}; '
+                  f'using {default!r}.', stacklevel=3)
+    value = default
+  return value in _ON
 
 
 def flags_for(environ: MutableMapping[str, str],

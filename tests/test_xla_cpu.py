@@ -91,6 +91,15 @@ def test_other_values_do_not_opt_in(value):
   assert env['XLA_FLAGS'] == '--a=1'
 
 
+def test_unknown_value_warns_and_keeps_the_default():
+  env = {xla_cpu.DEFAULTS_ENV: 'O', xla_cpu.OPT_IN_ENV: 'on'}
+  with pytest.warns(UserWarning) as record:
+    xla_cpu.apply_defaults(env, version=(0, 10))
+  messages = ' '.join(str(w.message) for w in record)
+  assert xla_cpu.DEFAULTS_ENV in messages and xla_cpu.OPT_IN_ENV in messages
+  assert env['XLA_FLAGS'] == NO_YNN  # Defaults on, oneDNN off.
+
+
 def test_unchecked_jaxlib_gets_nothing():
   # XLA exits on flags it does not know, so other versions are left alone.
   env = dict(ON)
