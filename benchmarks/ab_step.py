@@ -18,6 +18,9 @@ code stands and (B) with one change undone, then runs A, B, A, B, ... for
 - `conv_grad`: A = the convolution gradients of `--conv_grad` (default
   auto), B = XLA's own (`config.model.conv_grad='xla'`). Use it with
   `--cases=convnet_small`.
+- `attention`: A = the ViT's attention of `--attention` (default auto: the
+  fused CPU kernel, `models/cpu_attention.py`), B =
+  `jax.nn.dot_product_attention` (`config.model.attention='xla'`).
 - `ynn`: A = compiled without YNNPACK fusions (the project's XLA:CPU
   default, `reverse_sd/xla_cpu.py`), B = XLA's own choice. Run it with
   REVERSE_SD_XLA_CPU_DEFAULTS=0, so that the process keeps XLA's flags:
@@ -56,6 +59,7 @@ CHANGES = {
     # Config changes: (the flag, its value in B).
     'micro_batch': ('micro_batch', 0),
     'conv_grad': ('conv_grad', 'xla'),
+    'attention': ('attention', 'xla'),
     # XLA compiler options A compiles with; B with the process's flags.
     'ynn': {'xla_cpu_experimental_ynn_fusion_type': ''},
 }
@@ -136,7 +140,7 @@ def _parse_args(argv=None):
   for flag, default in (('dtype', 'float32'), ('warmup', 0), ('steps', 0),
                         ('infer_warmup', 0), ('infer_steps', 0),
                         ('threads', len(common.cores())), ('micro_batch', -1),
-                        ('conv_grad', 'auto')):
+                        ('conv_grad', 'auto'), ('attention', 'auto')):
     parser.add_argument(f'--{flag}', type=type(default), default=default)
   args = parser.parse_args(argv)
   if args.quick:

@@ -87,6 +87,7 @@ def make_spec(case: dict[str, Any], args) -> dict[str, Any]:
       warmup=args.warmup, steps=args.steps, infer_warmup=args.infer_warmup,
       infer_steps=args.infer_steps, threads=args.threads,
       conv_grad=getattr(args, 'conv_grad', 'auto'),
+      attention=getattr(args, 'attention', 'auto'),
       micro_batch=getattr(args, 'micro_batch', -1))
 
 
@@ -103,6 +104,7 @@ def _config_for(spec: dict[str, Any]):
   config.model.variant = spec['variant']
   config.model.dtype = spec['dtype']
   config.model.conv_grad = spec.get('conv_grad', 'auto')
+  config.model.attention = spec.get('attention', 'auto')
   config.eval.micro_batch = spec.get('micro_batch', -1)
   config.vocab.loss_weight = 0.0
   if spec['backbone'] == 'sd_unet':
@@ -509,6 +511,10 @@ def _parse_args(argv=None):
                       help="JAX convolution gradients (config.model."
                       "conv_grad); 'xla' shows the speed before "
                       'models/conv.py')
+  parser.add_argument('--attention', default='auto',
+                      choices=('auto', 'xla', 'cpu_kernel'),
+                      help="JAX ViT attention (config.model.attention); "
+                      "'xla' shows the speed before models/cpu_attention.py")
   parser.add_argument('--micro_batch', type=int, default=-1,
                       help='JAX predict step: examples per device per '
                       'forward pass (config.eval.micro_batch; -1 auto, 0 '

@@ -49,6 +49,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   # 'auto' (matrix products on CPU, XLA's own on accelerators), 'xla',
   # 'matmul'. The same function either way; only the speed differs.
   config.model.conv_grad = 'auto'
+  # Attention of 'vit' (models/cpu_attention.py): 'auto' (a fused C++ kernel
+  # on the CPU backend, built on first use; jax.nn.dot_product_attention
+  # elsewhere), 'xla', 'cpu_kernel'. The same function either way.
+  config.model.attention = 'auto'
   config.model.image_mean = (0.48145466, 0.4578275, 0.40821073)  # CLIP.
   config.model.image_std = (0.26862954, 0.26130258, 0.27577711)
   # A local pretrained checkpoint for the backbone (for 'vit': a Hugging Face

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from reverse_sd.models import conv
+from reverse_sd.models import cpu_attention
 from reverse_sd.models import dense
 from reverse_sd.models import convnet
 from reverse_sd.models import heads
@@ -141,6 +142,11 @@ def create_model(model_config: ml_collections.ConfigDict,
     if extra['conv_grad'] not in conv.GRAD_IMPLS:
       raise ValueError(f'config.model.conv_grad={extra["conv_grad"]!r}; '
                        f'expected one of {conv.GRAD_IMPLS}.')
+  if model_config.backbone == 'vit':
+    extra['attention'] = model_config.get('attention', 'auto')
+    if extra['attention'] not in cpu_attention.IMPLS:
+      raise ValueError(f'config.model.attention={extra["attention"]!r}; '
+                       f'expected one of {cpu_attention.IMPLS}.')
   if model_config.get('vit_projection', False):
     if model_config.backbone != 'vit':
       raise ValueError('config.model.vit_projection=True needs backbone '

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from reverse_sd.models import conv
+from reverse_sd.models import cpu_attention
 from reverse_sd.models import dense
 
 
@@ -92,10 +93,17 @@ def _activation(name: str):
 
 
 class Attention(nn.Module):
-  """Multi-head self-attention with separate q/k/v projections."""
+  """Multi-head self-attention with separate q/k/v projections.
+
+  `impl` picks how softmax(q k^T / sqrt(d)) v runs (`cpu_attention.IMPLS`):
+  'auto' is the fused CPU kernel on the CPU backend for unmasked float32
+  attention, else `jax.nn.dot_product_attention`. The same function either
+  way.
+  """
   width: int
   heads: int
   dtype: jnp.dtype = jnp.float32
+  impl: str = 'auto'
 
   @nn.compact
   def __call__(self, x_BxTxD, mask=None, queries_BxQxD=None):
@@ -117,7 +125,7 @@ class Attention(nn.Module):
     q = split(linear('q_proj')(queries))
     k = split(linear('k_proj')(x_BxTxD))
     v = split(linear('v_proj')(x_BxTxD))
-    out = jax.nn.dot_product_attention(q, k, v, mask=mask)
+    out = cpu_attention.attention(q, k, v, mask=mask, impl=self.impl)
     out = out.reshape(*out.shape[:-2], self.width)
     return linear('out_proj')(out)
 
@@ -127,10 +135,12 @@ class EncoderLayer(nn.Module):
 
   `config` is a `ViTConfig` or any config with the same `width`, `heads`,
   `mlp_dim`, `activation` and `layer_norm_eps` fields (the CLIP text
-  transformer's `ClipTextConfig`). `mask` is passed to `Attention`.
+  transformer's `ClipTextConfig`). `mask` is passed to `Attention`, and
+  `attention` is its `impl`.
   """
   config: ViTConfig
   dtype: jnp.dtype = jnp.float32
+  attention: str = 'auto'
 
   @nn.compact
   def __call__(self, x, mask=None, query_tokens: int | None = None):
@@ -142,11 +152,11 @@ class EncoderLayer(nn.Module):
                                      dtype=self.dtype, name=name)
     h = norm('layer_norm1')(x)
     if query_tokens is None:
-      x = x + Attention(cfg.width, cfg.heads, self.dtype,
+      x = x + Attention(cfg.width, cfg.heads, self.dtype, self.attention,
                         name='self_attn')(h, mask)
     else:
       x = x[:, :query_tokens] + Attention(
-          cfg.width, cfg.heads, self.dtype, name='self_attn')(
+          cfg.width, cfg.heads, self.dtype, self.attention, name='self_attn')(
               h, mask, queries_BxQxD=h[:, :query_tokens])
     y = norm('layer_norm2')(x)
     y = dense.Dense(cfg.mlp_dim, dtype=self.dtype, name='fc1')(y)
@@ -168,10 +178,13 @@ class VisionTransformer(nn.Module):
     use_projection: end in CLIP's `visual_projection` (Dense without bias,
       width -> `config.projection_dim`) and return the image embedding
       [B, projection_dim] instead of the pooled feature.
+    attention: how attention runs (`cpu_attention.IMPLS`; 'auto': the fused
+      CPU kernel on CPU, `jax.nn.dot_product_attention` elsewhere).
   """
   config: ViTConfig
   dtype: jnp.dtype = jnp.float32
   use_projection: bool = False
+  attention: str = 'auto'
 
   @nn.compact
   def __call__(self, images_BxHxWx3):
@@ -194,7 +207,7 @@ class VisionTransformer(nn.Module):
       # The read-out is the class token: the last layer updates only it
       # (the same result with ~1/cfg.layers fewer FLOPs).
       last = i == cfg.layers - 1
-      x = EncoderLayer(cfg, self.dtype, name=f'layers_{i}')(
+      x = EncoderLayer(cfg, self.dtype, self.attention, name=f'layers_{i}')(
           x, query_tokens=1 if last else None)
     pooled = nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=self.dtype,
                           name='post_layernorm')(x[:, 0])
