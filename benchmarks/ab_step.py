@@ -16,8 +16,11 @@ code stands and (B) with one change undone, then runs A, B, A, B, ... for
   auto), B = the whole inference batch at once (`config.eval.micro_batch=0`).
   Use it with `--cases=convnet_small`.
 - `conv_grad`: A = the convolution gradients of `--conv_grad` (default
-  auto), B = XLA's own (`config.model.conv_grad='xla'`). Use it with
+  auto: in a one-device process the FFI kernels of `models/cpu_conv.cc`),
+  B = XLA's own (`config.model.conv_grad='xla'`). Use it with
   `--cases=convnet_small`.
+- `conv_grad_matmul`: the same with B = the per-tap matrix products
+  (`config.model.conv_grad='matmul'`).
 - `attention`: A = the ViT's attention of `--attention` (default auto: the
   fused CPU kernel, `models/cpu_attention.py`), B =
   `jax.nn.dot_product_attention` (`config.model.attention='xla'`).
@@ -59,6 +62,7 @@ CHANGES = {
     # Config changes: (the flag, its value in B).
     'micro_batch': ('micro_batch', 0),
     'conv_grad': ('conv_grad', 'xla'),
+    'conv_grad_matmul': ('conv_grad', 'matmul'),
     'attention': ('attention', 'xla'),
     # XLA compiler options A compiles with; B with the process's flags.
     'ynn': {'xla_cpu_experimental_ynn_fusion_type': ''},

@@ -16,12 +16,16 @@ second core at all. Kernels (`KERNELS`):
 - `attn_scores`: the batched q k^T product of one attention layer
   (8 images x 12 heads of 197x64 by 64x197).
 - `attn_softmax`: the softmax over those scores (ms; no FLOPs counted).
-- `attention`, `attention_grad`: one layer's whole attention,
-  `jax.nn.dot_product_attention` against `F.scaled_dot_product_attention`,
-  forward, and forward + backward (q, k, v gradients).
+- `attention`, `attention_grad`: one layer's whole attention as the ViT
+  runs it (`models/cpu_attention.py`, 'auto': the fused FFI kernel on CPU)
+  against `F.scaled_dot_product_attention`, forward, and forward + backward
+  (q, k, v gradients); `attention_xla`, `attention_grad_xla`: the same with
+  `jax.nn.dot_product_attention` (XLA's ops).
 - `conv1`, `conv1_grad`: the ConvNet's second convolution (3x3, stride 2,
   32 -> 64 channels on 32x32, batch 64), forward, and forward + backward
-  (input and kernel gradients; JAX through `models/conv.py`, the default).
+  (input and kernel gradients; JAX through `models/conv.py`, 'auto': in this
+  one-device worker the FFI kernels of `cpu_conv.cc`); `conv1_grad_matmul`:
+  the same with `models/conv.py`'s per-tap matrix products.
 
 Each framework's worker is a fresh process pinned to the first N cores (N
 in `--threads`, torch.set_num_threads(N)), run in the order JAX, PyTorch,
@@ -32,6 +36,7 @@ PyTorch workers with `--torch_python` (`.venv-ref`).
 """
 
 import argparse
+import functools
 import json
 import math
 import pathlib
@@ -64,8 +69,14 @@ KERNELS: dict[str, dict[str, Any]] = {
     'attention': dict(kind='attention', b=8, t=197, h=12, d=64, grad=False),
     'attention_grad': dict(kind='attention', b=8, t=197, h=12, d=64,
                            grad=True),
+    'attention_xla': dict(kind='attention', b=8, t=197, h=12, d=64,
+                          grad=False, impl='xla'),
+    'attention_grad_xla': dict(kind='attention', b=8, t=197, h=12, d=64,
+                               grad=True, impl='xla'),
     'conv1': dict(kind='conv', b=64, size=32, c=32, o=64, grad=False),
     'conv1_grad': dict(kind='conv', b=64, size=32, c=32, o=64, grad=True),
+    'conv1_grad_matmul': dict(kind='conv', b=64, size=32, c=32, o=64,
+                              grad=True, impl='matmul'),
 }
 QUICK_KERNELS: dict[str, dict[str, Any]] = {
     'matmul_2048': dict(kind='matmul', m=64, k=64, n=64),
@@ -76,8 +87,14 @@ QUICK_KERNELS: dict[str, dict[str, Any]] = {
     'attn_softmax': dict(kind='softmax', shape=(2, 2, 5, 5)),
     'attention': dict(kind='attention', b=2, t=5, h=2, d=16, grad=False),
     'attention_grad': dict(kind='attention', b=2, t=5, h=2, d=16, grad=True),
+    'attention_xla': dict(kind='attention', b=2, t=5, h=2, d=16, grad=False,
+                          impl='xla'),
+    'attention_grad_xla': dict(kind='attention', b=2, t=5, h=2, d=16,
+                               grad=True, impl='xla'),
     'conv1': dict(kind='conv', b=2, size=8, c=4, o=8, grad=False),
     'conv1_grad': dict(kind='conv', b=2, size=8, c=4, o=8, grad=True),
+    'conv1_grad_matmul': dict(kind='conv', b=2, size=8, c=4, o=8, grad=True,
+                              impl='matmul'),
 }
 
 
@@ -111,6 +128,7 @@ def jax_kernels(kernels: dict[str, dict[str, Any]]):
   import jax
   import jax.numpy as jnp
   from reverse_sd.models import conv
+  from reverse_sd.models import cpu_attention
   # pylint: enable=g-import-not-at-top
 
   keys = iter(jax.random.split(jax.random.key(0), 64))
@@ -133,19 +151,23 @@ def jax_kernels(kernels: dict[str, dict[str, Any]]):
     elif kind == 'attention':
       qkv = [normal(spec['b'], spec['t'], spec['h'], spec['d'])
              for _ in range(3)]
+      attention = functools.partial(cpu_attention.attention,
+                                    impl=spec.get('impl', 'auto'))
       if spec['grad']:
         # Forward + backward; the cotangent is an input, as in the model.
-        def fn(q, k, v, dout):
-          out, vjp = jax.vjp(jax.nn.dot_product_attention, q, k, v)
+        def fn(q, k, v, dout, attention=attention):
+          out, vjp = jax.vjp(attention, q, k, v)
           return out, vjp(dout)
         args = (*qkv, normal(spec['b'], spec['t'], spec['h'], spec['d']))
       else:
-        fn, args = jax.nn.dot_product_attention, tuple(qkv)
+        fn, args = attention, tuple(qkv)
     elif kind == 'conv':
       out = math.ceil(spec['size'] / 2)
       x = normal(spec['b'], spec['size'], spec['size'], spec['c'])
       kernel = normal(3, 3, spec['c'], spec['o'])
-      forward = lambda x, k: conv.conv2d(x, k, (2, 2), 'SAME')
+      forward = functools.partial(conv.conv2d, strides=(2, 2),
+                                  padding='SAME',
+                                  grad_impl=spec.get('impl', 'auto'))
       if spec['grad']:
         def fn(x, k, dy, forward=forward):
           out, vjp = jax.vjp(forward, x, k)

@@ -92,6 +92,11 @@ run ab_micro_batch "${python}" benchmarks/ab_step.py --change=micro_batch \
   --cases=convnet_small "${quick[@]+"${quick[@]}"}"
 run ab_conv_grad "${python}" benchmarks/ab_step.py --change=conv_grad \
   --cases=convnet_small --rounds=20 "${quick[@]+"${quick[@]}"}"
+run ab_conv_grad_matmul "${python}" benchmarks/ab_step.py \
+  --change=conv_grad_matmul --cases=convnet_small --rounds=20 \
+  "${quick[@]+"${quick[@]}"}"
+run ab_attention "${python}" benchmarks/ab_step.py --change=attention \
+  --cases=vit_b16 "${quick[@]+"${quick[@]}"}"
 run profile_step "${python}" benchmarks/profile_step.py "${quick[@]+"${quick[@]}"}"
 run input_pipeline "${python}" benchmarks/input_pipeline.py "${quick[@]+"${quick[@]}"}"
 run scaling "${python}" benchmarks/scaling.py "${quick[@]+"${quick[@]}"}"

@@ -507,7 +507,7 @@ def _parse_args(argv=None):
                       'float32')
   parser.add_argument('--matmul_size', type=int, default=2048)
   parser.add_argument('--conv_grad', default='auto',
-                      choices=('auto', 'xla', 'matmul'),
+                      choices=('auto', 'xla', 'matmul', 'cpu_kernel'),
                       help="JAX convolution gradients (config.model."
                       "conv_grad); 'xla' shows the speed before "
                       'models/conv.py')

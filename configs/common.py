@@ -46,8 +46,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.model.head_hidden = ()  # MLP widths before the 384-d projection.
   config.model.dtype = 'float32'  # Compute dtype; parameters stay float32.
   # Convolution gradients of 'convnet' / 'clip_resnet' (models/conv.py):
-  # 'auto' (matrix products on CPU, XLA's own on accelerators), 'xla',
-  # 'matmul'. The same function either way; only the speed differs.
+  # 'auto' (on CPU a C++ FFI kernel in a one-device process, else per-tap
+  # matrix products; XLA's own on accelerators), 'xla', 'matmul',
+  # 'cpu_kernel'. The same function either way; only the speed differs.
   config.model.conv_grad = 'auto'
   # Attention of 'vit' (models/cpu_attention.py): 'auto' (a fused C++ kernel
   # on the CPU backend, built on first use; jax.nn.dot_product_attention

@@ -22,6 +22,18 @@ if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 \
     echo "setup: could not install chromium; the report screenshot test will be skipped" >&2
   fi
 fi
+# g++ compiles the XLA:CPU FFI kernels on first use (reverse_sd/models/
+# cpu_kernels.py); without it the CPU runs fall back to XLA's own ops, slower.
+if ! command -v g++ >/dev/null 2>&1 && ! command -v c++ >/dev/null 2>&1; then
+  if command -v apt-get >/dev/null 2>&1 && [[ "$(id -u)" == 0 ]]; then
+    echo "setup: installing g++ with apt-get" >&2
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+        apt-get install -y -qq g++ >/dev/null; } ||
+      echo "setup: could not install g++; CPU runs will use XLA's own attention and convolution gradients" >&2
+  else
+    echo "setup: no C++ compiler; CPU runs will use XLA's own attention and convolution gradients" >&2
+  fi
+fi
 want="$(cat requirements.txt requirements-nodeps.txt | sha256sum | cut -c1-16)"
 
 if [[ -f "${stamp}" && "$(cat "${stamp}")" == "${want}" ]]; then

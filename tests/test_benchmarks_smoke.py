@@ -107,10 +107,12 @@ def test_ab_step_builds_both_versions_and_times_them():
   from benchmarks import ab_step  # pylint: disable=g-import-not-at-top
   from reverse_sd.models import dense  # pylint: disable=g-import-not-at-top
   before = dense.flat_dot_general
-  for change in ('dense', 'micro_batch', 'ynn', 'conv_grad'):
+  for change in ('dense', 'micro_batch', 'ynn', 'conv_grad',
+                 'conv_grad_matmul', 'attention'):
     args = ab_step._parse_args(  # pylint: disable=protected-access
         ['--quick', f'--change={change}', '--cases=convnet_small'
-         if change in ('micro_batch', 'conv_grad') else '--cases=vit_b16'])
+         if change.startswith(('micro_batch', 'conv_grad'))
+         else '--cases=vit_b16'])
     result = ab_step.run(args, devices=jax.devices()[:1])
     for key in ('A', 'B'):
       assert len(result['times_s'][key]['train']) == args.rounds

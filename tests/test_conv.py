@@ -1,4 +1,5 @@
-"""models/conv.py: the matmul backward pass equals XLA's convolution gradients."""
+"""models/conv.py: the matmul and FFI-kernel backward passes equal XLA's
+convolution gradients."""
 
 import flax.linen as nn
 import jax
@@ -21,7 +22,14 @@ CASES = [
     ((8, 12), 3, 7, (4, 4), (4, 4), 'VALID'),
     ((9, 13), 3, 7, (4, 4), (4, 4), 'VALID'),
     ((7, 7), 2, 3, (2, 3), (1, 2), 'SAME'),
+    # Channels that fill the FFI kernel's 6x16 register blocks and leave
+    # remainders (7 = 6 + 1 input, 25 = 16 + 8 + 1 output channels).
+    ((11, 10), 7, 25, (3, 3), (2, 2), 'SAME'),
+    ((8, 8), 13, 32, (3, 3), (3, 3), ((2, 0), (1, 2))),
+    # A crop (negative padding) and a kernel larger than the stride.
+    ((9, 9), 3, 8, (5, 5), (2, 2), ((-1, 1), (2, -1))),
 ]
+IMPLS = ('matmul', 'cpu_kernel')
 
 
 def _inputs(hw, c_in, c_out, kernel, seed=0):
@@ -40,18 +48,20 @@ def _loss(fn):
   return loss
 
 
-@pytest.mark.parametrize('case', CASES, ids=lambda c: f'{c[3]}s{c[4]}{c[5]}')
-def test_matmul_gradients_equal_xla(case):
+@pytest.mark.parametrize('impl', IMPLS)
+@pytest.mark.parametrize('case', CASES,
+                         ids=lambda c: f'{c[1]}to{c[2]}k{c[3]}s{c[4]}{c[5]}')
+def test_gradients_equal_xla(case, impl):
   hw, c_in, c_out, kernel, strides, padding = case
   x, k, dy_seed = _inputs(hw, c_in, c_out, kernel)
   grads = {}
-  for impl in ('xla', 'matmul'):
+  for impl in ('xla', impl):
     fn = lambda x, k, impl=impl: conv.conv2d(x, k, strides, padding, impl)
     y = jax.jit(fn)(x, k)
     grads[impl] = (y, *jax.jit(jax.grad(_loss(fn), argnums=(0, 1)))(
         x, k, dy_seed))
   for name, a, b in zip(('output', 'dx', 'dkernel'), grads['xla'],
-                        grads['matmul']):
+                        grads[impl]):
     np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5,
                                err_msg=f'{name} differs from XLA')
 
@@ -89,25 +99,51 @@ def test_bfloat16_close_to_float32():
                              atol=0.05 * float(jnp.abs(g32).max()))
 
 
-def test_sharded_batch_gives_the_same_gradients():
+@pytest.mark.parametrize('impl', IMPLS)
+def test_sharded_batch_gives_the_same_gradients(impl):
   mesh = sharding.make_mesh(('data',), (-1,))
   rng = np.random.default_rng(1)
   x = jnp.asarray(rng.normal(size=(8, 9, 9, 3)), jnp.float32)
   k = jnp.asarray(rng.normal(size=(3, 3, 3, 4)), jnp.float32)
   dy_seed = jnp.asarray(rng.normal(size=(64,)), jnp.float32)
-  fn = lambda x, k: conv.conv2d(x, k, (2, 2), 'SAME', 'matmul')
-  grad = jax.grad(_loss(fn), argnums=1)
+  fn = lambda x, k: conv.conv2d(x, k, (2, 2), 'SAME', impl)
+  grad = jax.grad(_loss(fn), argnums=(0, 1))
   expected = jax.jit(grad)(x, k, dy_seed)
   x_sharded = jax.device_put(x, sharding.batch_sharding(mesh))
   got = jax.jit(grad, in_shardings=(sharding.batch_sharding(mesh),
                                     sharding.replicated(mesh),
                                     sharding.replicated(mesh)))(
                                         x_sharded, k, dy_seed)
-  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+  for a, b in zip(got, expected):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
-def test_auto_is_matmul_on_cpu_and_bad_values_are_named():
+def test_vmapped_kernel_gradients():
+  x, k, dy_seed = _inputs((9, 7), 3, 5, (3, 3))
+  xs = jnp.stack([x, 2 * x])
+  grads = {}
+  for impl in ('xla', 'cpu_kernel'):
+    fn = lambda x, k, impl=impl: conv.conv2d(x, k, (2, 2), 'SAME', impl)
+    grads[impl] = jax.vmap(jax.grad(_loss(fn), argnums=(0, 1)),
+                           in_axes=(0, None, None))(xs, k, dy_seed)
+  for a, b in zip(grads['xla'], grads['cpu_kernel']):
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
+
+
+def test_auto_on_cpu():
+  x, k, _ = _inputs((9, 7), 3, 5, (3, 3))
+  # The tests' 8 fake devices: the FFI kernel's batch sum would gather the
+  # batch, so 'auto' takes the per-tap matrix products; on one device
+  # (benchmarks, the main job on this machine) the kernel.
+  assert jax.device_count() == 8
+  assert conv.resolve_grad_impl('auto', x, k) == 'matmul'
   assert conv.resolve_grad_impl('auto') == 'matmul'
+  with pytest.raises(ValueError, match="'cpu_kernel' cannot run: dtype"):
+    conv.conv2d(x.astype(jnp.bfloat16), k.astype(jnp.bfloat16),
+                grad_impl='cpu_kernel')
+
+
+def test_bad_values_are_named():
   with pytest.raises(ValueError, match="grad_impl 'fast'"):
     conv.resolve_grad_impl('fast')
   with pytest.raises(ValueError, match="padding 'FULL'"):

@@ -1,23 +1,29 @@
-"""2-D convolution whose backward pass is matrix products on CPU.
+"""2-D convolution whose backward pass is fast on CPU.
 
-With YNNPACK (XLA's own choice in jaxlib 0.10), XLA:CPU runs a
-convolution's gradients (above all the kernel gradient of a strided
-convolution, a convolution with a dilated right-hand side) at a few percent
-of the matmul peak: on the default synthetic ConvNet the backward pass took
-4.2-4.8x the forward, against about 2x for PyTorch's oneDNN kernels, and
-this module trained it 1.33x faster. Without YNNPACK (`reverse_sd/xla_cpu.py`,
-the project's default) XLA's own gradients are as fast as this module's
-(`benchmarks/RESULTS.md`).
+XLA:CPU runs a strided convolution's gradients at a third to a half of its
+forward speed (on the default synthetic ConvNet's second convolution, 28
+GFLOP/s for the gradients against 81 for the forward pass on 2 cores;
+PyTorch's oneDNN 52). `conv2d` keeps XLA's forward convolution and computes
+the gradients one of three ways (`grad_impl`):
 
-`conv2d` keeps XLA's forward convolution and writes the backward pass as one
-matrix product per kernel tap:
+- 'cpu_kernel': `cpu_conv.cc`, typed XLA FFI calls that read the input and
+  the output gradient in place, with register-blocked tiles, on XLA's
+  intra-op threads (`cpu_kernels.py` builds it on first use). The kernel
+  gradient is a sum over the batch, which the SPMD partitioner would compute
+  on a gathered batch: 'auto' uses the kernels only in a one-device process.
+- 'matmul': one matrix product per kernel tap,
 
-  dK[i, j] = tap_ij(x_padded)^T @ dY          ([C_in, B*H'*W'] @ [.., C_out])
-  dX       = sum_ij place_ij(dY @ K[i, j]^T)  (strided, zero-filled placement)
+    dK[i, j] = tap_ij(x_padded)^T @ dY          ([C_in, B*H'*W'] @ [.., C_out])
+    dX       = sum_ij place_ij(dY @ K[i, j]^T)  (strided, zero-filled placement)
 
-where `tap_ij` is the strided slice of the padded input that meets kernel
-position (i, j). On accelerators the vendor convolution kernels are fast, so
-`grad_impl='auto'` keeps XLA's own gradient there.
+  where `tap_ij` is the strided slice of the padded input that meets kernel
+  position (i, j): plain XLA, sharded like the rest of the step.
+- 'xla': XLA's own convolution gradients.
+
+'auto' is 'cpu_kernel' on CPU in a one-device process (float32, the kernels
+built), else 'matmul' on CPU, and 'xla' on accelerators, whose vendor
+convolution kernels are fast. Non-overlapping patches (ViT's patch
+embedding) take 'matmul' under 'auto': one matrix product each way.
 
 `Conv` is a drop-in for `flax.linen.Conv` (same parameter names, shapes and
 initialisers, so checkpoints and converters do not change) for NHWC inputs,
@@ -31,8 +37,11 @@ import flax.linen as nn
 import jax
 from jax import lax
 import jax.numpy as jnp
+import numpy as np
 
-GRAD_IMPLS = ('auto', 'xla', 'matmul')
+from reverse_sd.models import cpu_kernels
+
+GRAD_IMPLS = ('auto', 'xla', 'matmul', 'cpu_kernel')
 _DIMENSION_NUMBERS = ('NHWC', 'HWIO', 'NHWC')
 
 Padding = str | Sequence[tuple[int, int]]
@@ -142,14 +151,63 @@ def _conv_bwd(strides, padding, residuals, dy):
 _conv_matmul_grad.defvjp(_conv_fwd, _conv_bwd)
 
 
-def resolve_grad_impl(grad_impl: str) -> str:
-  """'auto' -> 'matmul' on CPU, 'xla' on accelerators."""
+def _ffi_attrs(strides, padding):
+  (pt, _), (pl, _) = padding
+  return dict(stride_h=np.int64(strides[0]), stride_w=np.int64(strides[1]),
+              pad_top=np.int64(pt), pad_left=np.int64(pl))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _conv_kernel_grad(x, kernel, strides, padding):
+  return _forward(x, kernel, strides, padding)
+
+
+def _conv_kernel_bwd(strides, padding, residuals, dy):
+  """Both gradients from `cpu_conv.cc`, reading x and dy in place."""
+  x, kernel = residuals
+  attrs = _ffi_attrs(strides, padding)
+  dy = dy.astype(jnp.float32)
+  dkernel = jax.ffi.ffi_call(
+      'rsd_conv_kernel_grad',
+      jax.ShapeDtypeStruct(kernel.shape, jnp.float32),
+      vmap_method='sequential')(x, dy, **attrs)
+  dx = jax.ffi.ffi_call(
+      'rsd_conv_input_grad', jax.ShapeDtypeStruct(x.shape, jnp.float32),
+      vmap_method='sequential')(dy, kernel, **attrs)
+  return dx, dkernel
+
+
+_conv_kernel_grad.defvjp(_conv_fwd, _conv_kernel_bwd)
+
+
+def _kernel_unavailable(x, kernel) -> str | None:
+  if x.dtype != jnp.float32 or kernel.dtype != jnp.float32:
+    return f'dtype {x.dtype} (the kernel is float32)'
+  return cpu_kernels.unavailable_reason()
+
+
+def resolve_grad_impl(grad_impl: str, x=None, kernel=None) -> str:
+  """'auto' -> XLA's on accelerators; on CPU the FFI kernels (`cpu_conv.cc`)
+  for float32 on a single-device process, else 'matmul'.
+
+  The kernel gradient is a sum over the batch that the SPMD partitioner
+  would compute on gathered inputs, so 'auto' keeps it to one device.
+  """
   if grad_impl not in GRAD_IMPLS:
     raise ValueError(f'Conv grad_impl {grad_impl!r}: expected one of '
                      f'{GRAD_IMPLS}.')
-  if grad_impl == 'auto':
-    return 'matmul' if jax.default_backend() == 'cpu' else 'xla'
-  return grad_impl
+  if grad_impl == 'cpu_kernel' and x is not None:
+    reason = _kernel_unavailable(x, kernel)
+    if reason:
+      raise ValueError(f"Conv grad_impl 'cpu_kernel' cannot run: {reason}.")
+  if grad_impl != 'auto':
+    return grad_impl
+  if jax.default_backend() != 'cpu':
+    return 'xla'
+  if (x is not None and jax.device_count() == 1 and
+      _kernel_unavailable(x, kernel) is None):
+    return 'cpu_kernel'
+  return 'matmul'
 
 
 def conv2d(x_BxHxWxC, kernel_HxWxIxO, strides: Sequence[int] = (1, 1),
@@ -162,7 +220,8 @@ def conv2d(x_BxHxWxC, kernel_HxWxIxO, strides: Sequence[int] = (1, 1),
     strides: (sh, sw).
     padding: 'SAME', 'VALID' or ((top, bottom), (left, right)).
     grad_impl: 'xla' (XLA's convolution gradients), 'matmul' (one matrix
-      product per kernel tap, `_conv_bwd`) or 'auto' (matmul on CPU).
+      product per kernel tap, `_conv_bwd`), 'cpu_kernel' (`cpu_conv.cc`) or
+      'auto' (see the module docstring).
 
   Returns:
     [B, H', W', O].
@@ -170,8 +229,15 @@ def conv2d(x_BxHxWxC, kernel_HxWxIxO, strides: Sequence[int] = (1, 1),
   strides = tuple(int(s) for s in strides)
   pads = explicit_padding(padding, x_BxHxWxC.shape[1:3],
                           kernel_HxWxIxO.shape[:2], strides)
-  if resolve_grad_impl(grad_impl) == 'xla':
+  impl = resolve_grad_impl(grad_impl, x_BxHxWxC, kernel_HxWxIxO)
+  patches = (tuple(kernel_HxWxIxO.shape[:2]) == strides and
+             all(p == (0, 0) for p in pads))
+  if impl == 'cpu_kernel' and grad_impl == 'auto' and patches:
+    impl = 'matmul'  # Non-overlapping patches: one matrix product each way.
+  if impl == 'xla':
     return _forward(x_BxHxWxC, kernel_HxWxIxO, strides, pads)
+  if impl == 'cpu_kernel':
+    return _conv_kernel_grad(x_BxHxWxC, kernel_HxWxIxO, strides, pads)
   return _conv_matmul_grad(x_BxHxWxC, kernel_HxWxIxO, strides, pads)
 
 

@@ -19,32 +19,16 @@
 // AVX2/FMA (x86-64-v3) or NEON. Built by reverse_sd/models/cpu_attention.py.
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
-#include <condition_variable>
 #include <cstdint>
 #include <cstring>
-#include <memory>
-#include <mutex>
-#include <utility>
 #include <vector>
 
-#include "xla/ffi/api/ffi.h"
-
-namespace ffi = xla::ffi;
+#include "cpu_kernels.h"
 
 namespace {
 
-typedef float V8 __attribute__((vector_size(32)));
-typedef int32_t V8i __attribute__((vector_size(32)));
-
-inline V8 Load(const float* p) {
-  V8 v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-inline void Store(float* p, V8 v) { std::memcpy(p, &v, sizeof(v)); }
-inline V8 Splat(float x) { return V8{x, x, x, x, x, x, x, x}; }
+using namespace reverse_sd;  // NOLINT: the shared vector helpers.
 
 // exp(x) for x <= 0 to float32 accuracy (Cephes' expf polynomial): the
 // softmax argument is a logit minus its row's maximum.
@@ -66,105 +50,6 @@ inline V8 Exp(V8 x) {
   V8 scale;
   std::memcpy(&scale, &e, sizeof(scale));
   return y * scale;
-}
-
-// C[MR, 8*NV] = A[MR, K] B[K, 8*NV]; A row-major (lda), or with kTransA
-// stored transposed, A^T [K, MR] (lda its row stride).
-template <int MR, int NV, bool kTransA>
-inline void Micro(int64_t K, const float* A, int64_t lda, const float* B,
-                  int64_t ldb, float* C, int64_t ldc) {
-  V8 acc[MR][NV];
-  for (int r = 0; r < MR; ++r)
-    for (int c = 0; c < NV; ++c) acc[r][c] = Splat(0.0f);
-  for (int64_t k = 0; k < K; ++k) {
-    V8 b[NV];
-    for (int c = 0; c < NV; ++c) b[c] = Load(B + k * ldb + 8 * c);
-    for (int r = 0; r < MR; ++r) {
-      const V8 a = Splat(kTransA ? A[k * lda + r] : A[r * lda + k]);
-      for (int c = 0; c < NV; ++c) acc[r][c] += a * b[c];
-    }
-  }
-  for (int r = 0; r < MR; ++r)
-    for (int c = 0; c < NV; ++c) Store(C + r * ldc + 8 * c, acc[r][c]);
-}
-
-template <int MR, bool kTransA>
-void RowBlock(int64_t N, int64_t K, const float* A, int64_t lda,
-              const float* B, int64_t ldb, float* C, int64_t ldc) {
-  int64_t j = 0;
-  for (; j + 16 <= N; j += 16)
-    Micro<MR, 2, kTransA>(K, A, lda, B + j, ldb, C + j, ldc);
-  for (; j + 8 <= N; j += 8)
-    Micro<MR, 1, kTransA>(K, A, lda, B + j, ldb, C + j, ldc);
-  for (; j < N; ++j) {
-    for (int r = 0; r < MR; ++r) {
-      float s = 0.0f;
-      for (int64_t k = 0; k < K; ++k)
-        s += (kTransA ? A[k * lda + r] : A[r * lda + k]) * B[k * ldb + j];
-      C[r * ldc + j] = s;
-    }
-  }
-}
-
-// C[M, N] = op(A) B with op(A) = A [M, K] or, with kTransA, A^T for A stored
-// [K, M]. Row-major with leading dimensions; C is overwritten.
-template <bool kTransA>
-void Gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
-          const float* B, int64_t ldb, float* C, int64_t ldc) {
-  constexpr int kMR = 6;
-  auto a_rows = [&](int64_t i) { return kTransA ? A + i : A + i * lda; };
-  int64_t i = 0;
-  for (; i + kMR <= M; i += kMR)
-    RowBlock<kMR, kTransA>(N, K, a_rows(i), lda, B, ldb, C + i * ldc, ldc);
-  const float* a = a_rows(i);
-  float* c = C + i * ldc;
-  switch (M - i) {
-    case 5: RowBlock<5, kTransA>(N, K, a, lda, B, ldb, c, ldc); break;
-    case 4: RowBlock<4, kTransA>(N, K, a, lda, B, ldb, c, ldc); break;
-    case 3: RowBlock<3, kTransA>(N, K, a, lda, B, ldb, c, ldc); break;
-    case 2: RowBlock<2, kTransA>(N, K, a, lda, B, ldb, c, ldc); break;
-    case 1: RowBlock<1, kTransA>(N, K, a, lda, B, ldb, c, ldc); break;
-    default: break;
-  }
-}
-
-// Runs fn(0..n-1) on the caller and up to pool.num_threads() - 1 pool
-// threads. Work items are claimed from a shared counter, so a pool thread
-// that starts late (or never, if the pool is busy) only finds no work left;
-// the caller waits for the items, not for the threads.
-template <typename F>
-void ParallelFor(ffi::ThreadPool& pool, int64_t n, const F& fn) {
-  const int64_t threads = std::min<int64_t>(pool.num_threads(), n);
-  if (threads <= 1) {
-    for (int64_t i = 0; i < n; ++i) fn(i);
-    return;
-  }
-  struct State {
-    std::atomic<int64_t> next{0};
-    std::atomic<int64_t> done{0};
-    std::mutex mu;
-    std::condition_variable cv;
-  };
-  auto state = std::make_shared<State>();
-  const F* f = &fn;
-  auto work = [state, n, f]() {
-    for (;;) {
-      const int64_t i = state->next.fetch_add(1);
-      if (i >= n) return;
-      (*f)(i);
-      if (state->done.fetch_add(1) + 1 == n) {
-        std::lock_guard<std::mutex> lock(state->mu);
-        state->cv.notify_all();
-      }
-    }
-  };
-  for (int64_t t = 1; t < threads; ++t) {
-    auto task = work;
-    pool.Schedule(std::move(task));
-  }
-  work();
-  std::unique_lock<std::mutex> lock(state->mu);
-  state->cv.wait(lock, [&] { return state->done.load() == n; });
 }
 
 int64_t RoundUp8(int64_t x) { return (x + 7) / 8 * 8; }
@@ -284,9 +169,9 @@ ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
     GatherHead(qp, s, Q, b, h, scale, qs);
     GatherHeadT(kp, s, T, b, h, Tp, kt);
     GatherHead(vp, s, T, b, h, 1.0f, vc);
-    Gemm<false>(Q, Tp, D, qs, D, kt, Tp, logits, Tp);
+    Gemm<false, false>(Q, Tp, D, qs, D, kt, Tp, logits, Tp);
     SoftmaxRows(logits, Q, T, Tp, lp + (b * s.heads + h) * Q);
-    Gemm<false>(Q, D, T, logits, Tp, vc, D, o, D);
+    Gemm<false, false>(Q, D, T, logits, Tp, vc, D, o, D);
     ScatterHead(o, s, Q, b, h, op);
   });
   return ffi::Error::Success();
@@ -333,7 +218,7 @@ ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
     GatherHead(kp, s, T, b, h, scale, ks);
     const float* row_lse = lsep + (b * s.heads + h) * Q;
     // P = exp(q k^T * scale - lse).
-    Gemm<false>(Q, Tp, D, qs, D, kt, Tp, probs, Tp);
+    Gemm<false, false>(Q, Tp, D, qs, D, kt, Tp, probs, Tp);
     for (int64_t i = 0; i < Q; ++i) {
       float* row = probs + i * Tp;
       const V8 l = Splat(row_lse[i]);
@@ -343,7 +228,7 @@ ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
       for (; j < Tp; ++j) row[j] = 0.0f;
     }
     // dP = dout v^T; dS = P * (dP - rowsum(dout * out)).
-    Gemm<false>(Q, Tp, D, dos, D, vt, Tp, dlog, Tp);
+    Gemm<false, false>(Q, Tp, D, dos, D, vt, Tp, dlog, Tp);
     for (int64_t i = 0; i < Q; ++i) {
       float acc = 0.0f;
       for (int64_t d = 0; d < D; ++d) acc += dos[i * D + d] * os[i * D + d];
@@ -359,11 +244,11 @@ ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
       for (; j < Tp; ++j) dr[j] = pr[j] * (dr[j] - delta[i]);
     }
     // dv = P^T dout; dk = dS^T (q * scale); dq = dS (k * scale).
-    Gemm<true>(T, D, Q, probs, Tp, dos, D, res, D);
+    Gemm<true, false>(T, D, Q, probs, Tp, dos, D, res, D);
     ScatterHead(res, s, T, b, h, dvp);
-    Gemm<true>(T, D, Q, dlog, Tp, qs, D, res, D);
+    Gemm<true, false>(T, D, Q, dlog, Tp, qs, D, res, D);
     ScatterHead(res, s, T, b, h, dkp);
-    Gemm<false>(Q, D, T, dlog, Tp, ks, D, res, D);
+    Gemm<false, false>(Q, D, T, dlog, Tp, ks, D, res, D);
     ScatterHead(res, s, Q, b, h, dqp);
   });
   return ffi::Error::Success();

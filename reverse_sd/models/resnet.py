@@ -114,7 +114,7 @@ class ResNet(nn.Module):
   """Images [B,H,W,3] (normalised) -> pooled features [B,output_dim]."""
   config: ResNetConfig
   dtype: jnp.dtype = jnp.float32
-  conv_grad: str = 'auto'  # models/conv.py: 'auto' | 'xla' | 'matmul'.
+  conv_grad: str = 'auto'  # models/conv.py: conv.GRAD_IMPLS.
 
   @nn.compact
   def __call__(self, images_BxHxWx3):

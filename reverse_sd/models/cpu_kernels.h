@@ -1,0 +1,137 @@
+// Shared pieces of reverse_sd's XLA:CPU FFI kernels (cpu_attention.cc,
+// cpu_conv.cc): 8-float vectors (GCC vector extensions, so the compiler maps
+// them to AVX2/FMA or NEON), a register-blocked 6x16 matrix product and a
+// parallel loop on XLA's intra-op pool.
+
+#ifndef REVERSE_SD_MODELS_CPU_KERNELS_H_
+#define REVERSE_SD_MODELS_CPU_KERNELS_H_
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <utility>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace reverse_sd {
+
+namespace ffi = xla::ffi;
+
+typedef float V8 __attribute__((vector_size(32)));
+typedef int32_t V8i __attribute__((vector_size(32)));
+
+inline V8 Load(const float* p) {
+  V8 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+inline void Store(float* p, V8 v) { std::memcpy(p, &v, sizeof(v)); }
+inline V8 Splat(float x) { return V8{x, x, x, x, x, x, x, x}; }
+
+// C[MR, 8*NV] (+)= A[MR, K] B[K, 8*NV]; A row-major (lda), or with kTransA
+// stored transposed, A^T [K, MR] (lda its row stride). kAcc adds to C.
+template <int MR, int NV, bool kTransA, bool kAcc>
+inline void Micro(int64_t K, const float* A, int64_t lda, const float* B,
+                  int64_t ldb, float* C, int64_t ldc) {
+  V8 acc[MR][NV];
+  for (int r = 0; r < MR; ++r)
+    for (int c = 0; c < NV; ++c)
+      acc[r][c] = kAcc ? Load(C + r * ldc + 8 * c) : Splat(0.0f);
+  for (int64_t k = 0; k < K; ++k) {
+    V8 b[NV];
+    for (int c = 0; c < NV; ++c) b[c] = Load(B + k * ldb + 8 * c);
+    for (int r = 0; r < MR; ++r) {
+      const V8 a = Splat(kTransA ? A[k * lda + r] : A[r * lda + k]);
+      for (int c = 0; c < NV; ++c) acc[r][c] += a * b[c];
+    }
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int c = 0; c < NV; ++c) Store(C + r * ldc + 8 * c, acc[r][c]);
+}
+
+template <int MR, bool kTransA, bool kAcc>
+void RowBlock(int64_t N, int64_t K, const float* A, int64_t lda,
+              const float* B, int64_t ldb, float* C, int64_t ldc) {
+  int64_t j = 0;
+  for (; j + 16 <= N; j += 16)
+    Micro<MR, 2, kTransA, kAcc>(K, A, lda, B + j, ldb, C + j, ldc);
+  for (; j + 8 <= N; j += 8)
+    Micro<MR, 1, kTransA, kAcc>(K, A, lda, B + j, ldb, C + j, ldc);
+  for (; j < N; ++j) {
+    for (int r = 0; r < MR; ++r) {
+      float s = 0.0f;
+      for (int64_t k = 0; k < K; ++k)
+        s += (kTransA ? A[k * lda + r] : A[r * lda + k]) * B[k * ldb + j];
+      C[r * ldc + j] = kAcc ? C[r * ldc + j] + s : s;
+    }
+  }
+}
+
+// C[M, N] = op(A) B (kAcc: C += op(A) B) with op(A) = A [M, K] or, with
+// kTransA, A^T for A stored [K, M]. Row-major with leading dimensions.
+template <bool kTransA, bool kAcc>
+void Gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
+          const float* B, int64_t ldb, float* C, int64_t ldc) {
+  constexpr int kMR = 6;
+  auto a_rows = [&](int64_t i) { return kTransA ? A + i : A + i * lda; };
+  int64_t i = 0;
+  for (; i + kMR <= M; i += kMR)
+    RowBlock<kMR, kTransA, kAcc>(N, K, a_rows(i), lda, B, ldb, C + i * ldc, ldc);
+  const float* a = a_rows(i);
+  float* c = C + i * ldc;
+  switch (M - i) {
+    case 5: RowBlock<5, kTransA, kAcc>(N, K, a, lda, B, ldb, c, ldc); break;
+    case 4: RowBlock<4, kTransA, kAcc>(N, K, a, lda, B, ldb, c, ldc); break;
+    case 3: RowBlock<3, kTransA, kAcc>(N, K, a, lda, B, ldb, c, ldc); break;
+    case 2: RowBlock<2, kTransA, kAcc>(N, K, a, lda, B, ldb, c, ldc); break;
+    case 1: RowBlock<1, kTransA, kAcc>(N, K, a, lda, B, ldb, c, ldc); break;
+    default: break;
+  }
+}
+
+// Runs fn(0..n-1) on the caller and up to pool.num_threads() - 1 pool
+// threads. Work items are claimed from a shared counter, so a pool thread
+// that starts late (or never, if the pool is busy) only finds no work left;
+// the caller waits for the items, not for the threads.
+template <typename F>
+void ParallelFor(ffi::ThreadPool& pool, int64_t n, const F& fn) {
+  const int64_t threads = std::min<int64_t>(pool.num_threads(), n);
+  if (threads <= 1) {
+    for (int64_t i = 0; i < n; ++i) fn(i);
+    return;
+  }
+  struct State {
+    std::atomic<int64_t> next{0};
+    std::atomic<int64_t> done{0};
+    std::mutex mu;
+    std::condition_variable cv;
+  };
+  auto state = std::make_shared<State>();
+  const F* f = &fn;
+  auto work = [state, n, f]() {
+    for (;;) {
+      const int64_t i = state->next.fetch_add(1);
+      if (i >= n) return;
+      (*f)(i);
+      if (state->done.fetch_add(1) + 1 == n) {
+        std::lock_guard<std::mutex> lock(state->mu);
+        state->cv.notify_all();
+      }
+    }
+  };
+  for (int64_t t = 1; t < threads; ++t) {
+    auto task = work;
+    pool.Schedule(std::move(task));
+  }
+  work();
+  std::unique_lock<std::mutex> lock(state->mu);
+  state->cv.wait(lock, [&] { return state->done.load() == n; });
+}
+
+}  // namespace reverse_sd
+
+#endif  // REVERSE_SD_MODELS_CPU_KERNELS_H_

@@ -1,0 +1,149 @@
+"""Builds, loads and registers the project's XLA:CPU FFI kernels.
+
+The kernels are C++ next to this file (`cpu_attention.cc`: fused attention
+and its gradient; `cpu_conv.cc`: convolution gradients; shared pieces in
+`cpu_kernels.h`). They are compiled on first use with the system's C++
+compiler (`$CXX`, else `g++` or `c++` on PATH) against jaxlib's FFI headers
+into one shared library, cached under `$REVERSE_SD_KERNEL_CACHE` (default
+`~/.cache/reverse_sd/kernels`) and keyed by the sources, the flags, the
+compiler and jaxlib's version, so an edit or an upgrade rebuilds it. The
+build writes a temporary file and renames it, so concurrent processes (test
+workers, hosts sharing a home directory) never load a half-written library.
+
+On x86-64 the library is compiled for AVX2 and FMA (every x86 server CPU of
+the last ten years), and a CPU without them gets XLA's own ops instead.
+Nothing here runs on GPU/TPU: the callers check `unavailable_reason()` and
+keep XLA's ops (cuDNN, the TPU kernels) there.
+"""
+
+import ctypes
+import functools
+import hashlib
+import os
+import pathlib
+import platform
+import shutil
+import subprocess
+import tempfile
+
+import jax
+import jaxlib
+
+CACHE_ENV = 'REVERSE_SD_KERNEL_CACHE'
+_HERE = pathlib.Path(__file__).parent
+SOURCES = (_HERE / 'cpu_attention.cc', _HERE / 'cpu_conv.cc')
+HEADERS = (_HERE / 'cpu_kernels.h',)
+
+# FFI target name -> (exported handler symbol, batch partitionable). A batch
+# partitionable target is split by the SPMD partitioner along the leading
+# axis of every operand and result (data parallelism); the others (the
+# kernel gradient, a sum over the batch) see whole arrays.
+TARGETS = {
+    'rsd_attention_forward': ('RsdAttentionForward', True),
+    'rsd_attention_backward': ('RsdAttentionBackward', True),
+    'rsd_conv_kernel_grad': ('RsdConvKernelGrad', False),
+    'rsd_conv_input_grad': ('RsdConvInputGrad', True),
+}
+
+
+def _compile_flags() -> list[str]:
+  flags = ['-O3', '-std=c++17', '-shared', '-fPIC', '-fno-math-errno',
+           '-w']  # -w: jaxlib's headers warn.
+  if _is_x86():
+    flags += ['-mavx2', '-mfma']
+  return flags
+
+
+def _is_x86() -> bool:
+  return platform.machine() in ('x86_64', 'AMD64')
+
+
+def _cpu_unsupported() -> str | None:
+  """Why this CPU cannot run the library as compiled, or None."""
+  if not _is_x86():
+    return None
+  try:
+    text = pathlib.Path('/proc/cpuinfo').read_text()
+  except OSError:
+    return 'cannot read /proc/cpuinfo to check for AVX2 and FMA'
+  flags = set()
+  for line in text.splitlines():
+    if line.startswith('flags'):
+      flags = set(line.split(':', 1)[1].split())
+      break
+  missing = [f for f in ('avx2', 'fma') if f not in flags]
+  return f'the CPU lacks {", ".join(missing)}' if missing else None
+
+
+def cache_dir() -> pathlib.Path:
+  default = pathlib.Path.home() / '.cache' / 'reverse_sd' / 'kernels'
+  return pathlib.Path(os.environ.get(CACHE_ENV) or default)
+
+
+def _compiler() -> str:
+  compiler = os.environ.get('CXX') or shutil.which('g++') or shutil.which(
+      'c++')
+  if not compiler:
+    raise RuntimeError('no C++ compiler (g++ or c++ on PATH, or $CXX)')
+  return compiler
+
+
+def library_path(compiler: str) -> pathlib.Path:
+  key = hashlib.sha256()
+  for part in (*(p.read_bytes() for p in (*SOURCES, *HEADERS)),
+               ' '.join(_compile_flags()).encode(), compiler.encode(),
+               jaxlib.__version__.encode()):
+    key.update(part)
+  return cache_dir() / f'cpu_kernels-{key.hexdigest()[:16]}.so'
+
+
+def build() -> pathlib.Path:
+  """Compiles the library into the cache unless it is there; its path."""
+  compiler = _compiler()
+  path = library_path(compiler)
+  if path.exists():
+    return path
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(suffix='.so', dir=path.parent)
+  os.close(fd)
+  command = [compiler, *_compile_flags(), f'-I{jax.ffi.include_dir()}',
+             *map(str, SOURCES), '-o', tmp]
+  try:
+    result = subprocess.run(command, capture_output=True, text=True,
+                            timeout=600, check=False)
+    if result.returncode:
+      raise RuntimeError(f'`{" ".join(command)}` failed:\n'
+                         f'{result.stderr[-2000:]}')
+    os.replace(tmp, path)  # Concurrent builders: the last one wins, intact.
+  finally:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+  return path
+
+
+@functools.cache
+def _load() -> str | None:
+  """Builds and registers the library once; None, or why it cannot."""
+  reason = _cpu_unsupported()
+  if reason:
+    return reason
+  try:
+    library = ctypes.CDLL(str(build()))
+    handlers = {name: getattr(library, symbol)
+                for name, (symbol, _) in TARGETS.items()}
+  except (RuntimeError, OSError, AttributeError,
+          subprocess.SubprocessError) as e:
+    return f'the kernels did not build or load: {e}'
+  for name, handler in handlers.items():
+    jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(handler),
+                                platform='cpu')
+    if TARGETS[name][1]:
+      jax.ffi.register_ffi_target_as_batch_partitionable(name)
+  return None
+
+
+def unavailable_reason() -> str | None:
+  """None if the kernels can run in this process, else why not."""
+  if jax.default_backend() != 'cpu':
+    return f'the default backend is {jax.default_backend()}, not cpu'
+  return _load()
