@@ -160,6 +160,38 @@ def _flops(compiled) -> float | None:
   return float(flops) if flops is not None and flops > 0 else None
 
 
+def _xla_op_flops(spec: dict[str, Any], built: dict[str, Any],
+                  state) -> tuple[float | None, float | None]:
+  """XLA's FLOP counts of the train and predict steps, computed on the same
+  functions written with XLA's own ops.
+
+  XLA's cost analysis counts nothing inside an FFI call (the CPU attention
+  and convolution-gradient kernels, `models/cpu_kernels.py`), and a
+  micro-batched predict step's loop body once. So the counts come from the
+  step compiled with `attention='xla'`, `conv_grad='matmul'` and the whole
+  inference batch at once: the same function and the same FLOPs.
+  """
+  # pylint: disable=g-import-not-at-top
+  from reverse_sd import evaluate
+  from reverse_sd import optim
+  from reverse_sd import train
+  from reverse_sd.models import reverse_model
+  config = _config_for(dict(spec, attention='xla', conv_grad='matmul',
+                            micro_batch=0))
+  model = reverse_model.create_model(config.model)
+  _, schedule = optim.create_optimizer(
+      config.optim, total_steps=1000,
+      extra_groups=reverse_model.frozen_param_groups(config.model))
+  step = train.make_train_step(model, config.loss, schedule, built['mesh'],
+                               built['shardings'])
+  predict = evaluate.make_predict_step(model, built['mesh'],
+                                       built['shardings'].params,
+                                       micro_batch=0)
+  return (_flops(step.lower(state, built['batch']).compile()),
+          _flops(predict.lower(state.params,
+                               built['infer_batch']).compile()))
+
+
 def build_jax(spec: dict[str, Any], devices=None) -> dict[str, Any]:
   """The project's model, sharded train state, train and predict steps and
   random batches for `spec`, as the trainer builds them.
@@ -226,7 +258,6 @@ def measure_jax(spec: dict[str, Any], devices=None) -> dict[str, Any]:
   """
   # pylint: disable=g-import-not-at-top
   import jax
-  from reverse_sd import evaluate as evaluate_lib
   built = build_jax(spec, devices)
   state, batch, step = built['state'], built['batch'], built['step']
   num_devices = built['mesh'].devices.size
@@ -245,13 +276,9 @@ def measure_jax(spec: dict[str, Any], devices=None) -> dict[str, Any]:
 
   warmup_times, times = common.time_steps(train_once, warmup=spec['warmup'],
                                           steps=spec['steps'])
-  per_device_batch = spec['train_batch'] / num_devices
-  flops = _flops(compiled)
   result['train'] = dict(
       common.summarize(times), batch=spec['train_batch'],
       lower_s=lower_s, compile_s=compile_s, warmup_times_s=warmup_times,
-      flops_per_step=flops,
-      flops_per_image=flops / per_device_batch if flops else None,
       final_loss=float(holder['metrics'].compute()['loss']))
   result['peak_rss_mb_after_train'] = common.peak_rss_mb()
 
@@ -264,23 +291,19 @@ def measure_jax(spec: dict[str, Any], devices=None) -> dict[str, Any]:
   warmup_times, times = common.time_steps(
       lambda: jax.block_until_ready(compiled_predict(params, infer_batch)),
       warmup=spec['infer_warmup'], steps=spec['infer_steps'])
-  # XLA's cost analysis counts a loop body once: count the FLOPs of the
-  # unchunked step (same function) when the step runs in micro-batches.
-  per_device = spec['infer_batch'] // num_devices
-  micro_batch = evaluate_lib.resolve_micro_batch(
-      built['config'].eval.micro_batch)
-  if evaluate_lib.chunk_size(per_device, micro_batch) < per_device:
-    unchunked = evaluate_lib.make_predict_step(
-        built['model'], built['mesh'], built['shardings'].params,
-        micro_batch=0)
-    compiled_predict = unchunked.lower(params, infer_batch).compile()
-  flops = _flops(compiled_predict)
   result['infer'] = dict(
       common.summarize(times), batch=spec['infer_batch'],
-      compile_s=infer_compile_s, warmup_times_s=warmup_times,
-      flops_per_image=(flops / (spec['infer_batch'] / num_devices)
-                       if flops else None))
+      compile_s=infer_compile_s, warmup_times_s=warmup_times)
   result['peak_rss_mb'] = common.peak_rss_mb()
+  # After the peak memory: the FLOP counts compile two more steps.
+  train_flops, infer_flops = _xla_op_flops(spec, built, holder['state'])
+  result['train'].update(
+      flops_per_step=train_flops,
+      flops_per_image=(train_flops / (spec['train_batch'] / num_devices)
+                       if train_flops else None))
+  result['infer']['flops_per_image'] = (
+      infer_flops / (spec['infer_batch'] / num_devices)
+      if infer_flops else None)
   return result
 
 
