@@ -134,11 +134,11 @@ void KernelGradImages(const ConvShape& s, const float* x, const float* dy,
   }
 }
 
-ffi::Error ReadShape(ffi::Buffer<ffi::F32>& x, ffi::Buffer<ffi::F32>& dy,
+// The convolution's shape from the dimensions of its input x, output dy and
+// kernel (whichever of them are the call's operands or its result).
+ffi::Error ReadShape(ffi::Span<const int64_t> xd, ffi::Span<const int64_t> yd,
                      ffi::Span<const int64_t> kernel_dims, int64_t sh,
                      int64_t sw, int64_t pt, int64_t pl, ConvShape* s) {
-  const auto xd = x.dimensions();
-  const auto yd = dy.dimensions();
   if (xd.size() != 4 || yd.size() != 4 || kernel_dims.size() != 4)
     return ffi::Error::InvalidArgument(
         "rsd_conv: expected NHWC input and output, HWIO kernel.");
@@ -157,8 +157,9 @@ ffi::Error KernelGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                           int64_t stride_w, int64_t pad_top, int64_t pad_left,
                           ffi::ResultBuffer<ffi::F32> dk) {
   ConvShape s;
-  if (ffi::Error e = ReadShape(x, dy, dk->dimensions(), stride_h, stride_w,
-                               pad_top, pad_left, &s);
+  if (ffi::Error e = ReadShape(x.dimensions(), dy.dimensions(),
+                               dk->dimensions(), stride_h, stride_w, pad_top,
+                               pad_left, &s);
       e.failure())
     return e;
   const float* xp = x.typed_data();
@@ -190,21 +191,12 @@ ffi::Error InputGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy,
                          ffi::Buffer<ffi::F32> kernel, int64_t stride_h,
                          int64_t stride_w, int64_t pad_top, int64_t pad_left,
                          ffi::ResultBuffer<ffi::F32> dx) {
-  // ReadShape reads the input's shape from dx.
   ConvShape s;
-  const auto xd = dx->dimensions();
-  const auto yd = dy.dimensions();
-  const auto kd = kernel.dimensions();
-  if (xd.size() != 4 || yd.size() != 4 || kd.size() != 4)
-    return ffi::Error::InvalidArgument(
-        "rsd_conv: expected NHWC input and output, HWIO kernel.");
-  s = ConvShape{xd[0], xd[1], xd[2], xd[3], yd[1], yd[2], yd[3], kd[0],
-                kd[1], stride_h, stride_w, pad_top, pad_left};
-  if (yd[0] != xd[0] || kd[2] != s.ci || kd[3] != s.co)
-    return ffi::Error::InvalidArgument(
-        "rsd_conv: batch or channels of input, output and kernel differ.");
-  if (s.sh < 1 || s.sw < 1)
-    return ffi::Error::InvalidArgument("rsd_conv: strides must be >= 1.");
+  if (ffi::Error e = ReadShape(dx->dimensions(), dy.dimensions(),
+                               kernel.dimensions(), stride_h, stride_w,
+                               pad_top, pad_left, &s);
+      e.failure())
+    return e;
   const float* yp = dy.typed_data();
   const float* kp = kernel.typed_data();
   float* out = dx->typed_data();
