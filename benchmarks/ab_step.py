@@ -12,6 +12,8 @@ code stands and (B) with one change undone, then runs A, B, A, B, ... for
 
 - `dense`: A = `models.dense.flat_dot_general` (leading axes folded),
   B = `lax.dot_general` on the unfolded input (as `flax.linen.Dense`).
+- `bias_grad`: A = `models.dense.add_bias`'s gradient as a product with a
+  vector of ones (the CPU default), B = XLA's column reduction.
 - `micro_batch`: A = the predict step with `--micro_batch` (default -1:
   auto), B = the whole inference batch at once (`config.eval.micro_batch=0`).
   Use it with `--cases=convnet_small`.
@@ -24,6 +26,9 @@ code stands and (B) with one change undone, then runs A, B, A, B, ... for
 - `attention`: A = the ViT's attention of `--attention` (default auto: the
   fused CPU kernel, `models/cpu_attention.py`), B =
   `jax.nn.dot_product_attention` (`config.model.attention='xla'`).
+- `layer_norm`: A = the ViT's LayerNorms of `--layer_norm` (default auto:
+  in a one-device process the fused CPU kernel, `models/layer_norm.py`),
+  B = `flax.linen.LayerNorm` (`config.model.layer_norm='xla'`).
 - `ynn`: A = compiled without YNNPACK fusions (the project's XLA:CPU
   default, `reverse_sd/xla_cpu.py`), B = XLA's own choice. Run it with
   REVERSE_SD_XLA_CPU_DEFAULTS=0, so that the process keeps XLA's flags:
@@ -59,11 +64,13 @@ from reverse_sd.models import dense
 CHANGES = {
     # name: (module, attribute, the version B puts there)
     'dense': (dense, 'flat_dot_general', lax.dot_general),
+    'bias_grad': (dense, '_bias_grad_as_product', lambda: False),
     # Config changes: (the flag, its value in B).
     'micro_batch': ('micro_batch', 0),
     'conv_grad': ('conv_grad', 'xla'),
     'conv_grad_matmul': ('conv_grad', 'matmul'),
     'attention': ('attention', 'xla'),
+    'layer_norm': ('layer_norm', 'xla'),
     # XLA compiler options A compiles with; B with the process's flags.
     'ynn': {'xla_cpu_experimental_ynn_fusion_type': ''},
 }
@@ -144,7 +151,8 @@ def _parse_args(argv=None):
   for flag, default in (('dtype', 'float32'), ('warmup', 0), ('steps', 0),
                         ('infer_warmup', 0), ('infer_steps', 0),
                         ('threads', len(common.cores())), ('micro_batch', -1),
-                        ('conv_grad', 'auto'), ('attention', 'auto')):
+                        ('conv_grad', 'auto'), ('attention', 'auto'),
+                        ('layer_norm', 'auto')):
     parser.add_argument(f'--{flag}', type=type(default), default=default)
   args = parser.parse_args(argv)
   if args.quick:

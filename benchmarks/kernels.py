@@ -26,6 +26,14 @@ second core at all. Kernels (`KERNELS`):
   (input and kernel gradients; JAX through `models/conv.py`, 'auto': in this
   one-device worker the FFI kernels of `cpu_conv.cc`); `conv1_grad_matmul`:
   the same with `models/conv.py`'s per-tap matrix products.
+- `layer_norm`, `layer_norm_grad`: one ViT-B/16 LayerNorm ([8, 197, 768]),
+  forward, and forward + backward (input, scale and bias gradients; JAX
+  through `models/layer_norm.py`, 'auto': in this one-device worker the FFI
+  kernel of `cpu_layer_norm.cc`), against `F.layer_norm`;
+  `layer_norm_xla`, `layer_norm_grad_xla`: the same with
+  `flax.linen.LayerNorm`. In ms (no FLOPs counted).
+- `quick_gelu`, `quick_gelu_grad`: CLIP's activation x * sigmoid(1.702 x)
+  on fc1's output ([1576, 3072]), forward and forward + backward. In ms.
 
 Each framework's worker is a fresh process pinned to the first N cores (N
 in `--threads`, torch.set_num_threads(N)), run in the order JAX, PyTorch,
@@ -77,6 +85,16 @@ KERNELS: dict[str, dict[str, Any]] = {
     'conv1_grad': dict(kind='conv', b=64, size=32, c=32, o=64, grad=True),
     'conv1_grad_matmul': dict(kind='conv', b=64, size=32, c=32, o=64,
                               grad=True, impl='matmul'),
+    'layer_norm': dict(kind='layer_norm', shape=(8, 197, 768), grad=False),
+    'layer_norm_grad': dict(kind='layer_norm', shape=(8, 197, 768),
+                            grad=True),
+    'layer_norm_xla': dict(kind='layer_norm', shape=(8, 197, 768),
+                           grad=False, impl='xla'),
+    'layer_norm_grad_xla': dict(kind='layer_norm', shape=(8, 197, 768),
+                                grad=True, impl='xla'),
+    'quick_gelu': dict(kind='quick_gelu', shape=(1576, 3072), grad=False),
+    'quick_gelu_grad': dict(kind='quick_gelu', shape=(1576, 3072),
+                            grad=True),
 }
 QUICK_KERNELS: dict[str, dict[str, Any]] = {
     'matmul_2048': dict(kind='matmul', m=64, k=64, n=64),
@@ -95,6 +113,14 @@ QUICK_KERNELS: dict[str, dict[str, Any]] = {
     'conv1_grad': dict(kind='conv', b=2, size=8, c=4, o=8, grad=True),
     'conv1_grad_matmul': dict(kind='conv', b=2, size=8, c=4, o=8, grad=True,
                               impl='matmul'),
+    'layer_norm': dict(kind='layer_norm', shape=(2, 5, 24), grad=False),
+    'layer_norm_grad': dict(kind='layer_norm', shape=(2, 5, 24), grad=True),
+    'layer_norm_xla': dict(kind='layer_norm', shape=(2, 5, 24), grad=False,
+                           impl='xla'),
+    'layer_norm_grad_xla': dict(kind='layer_norm', shape=(2, 5, 24),
+                                grad=True, impl='xla'),
+    'quick_gelu': dict(kind='quick_gelu', shape=(10, 64), grad=False),
+    'quick_gelu_grad': dict(kind='quick_gelu', shape=(10, 64), grad=True),
 }
 
 
@@ -129,7 +155,16 @@ def jax_kernels(kernels: dict[str, dict[str, Any]]):
   import jax.numpy as jnp
   from reverse_sd.models import conv
   from reverse_sd.models import cpu_attention
+  from reverse_sd.models import layer_norm
+  from reverse_sd.models import vit
   # pylint: enable=g-import-not-at-top
+
+  def with_grad(forward, *inputs):
+    """Forward + backward of `forward`; the cotangent is an input."""
+    def fn(*args):
+      out, vjp = jax.vjp(forward, *args[:-1])
+      return out, vjp(args[-1])
+    return fn, (*inputs, normal(*jax.eval_shape(forward, *inputs).shape))
 
   keys = iter(jax.random.split(jax.random.key(0), 64))
   normal = lambda *shape: jax.random.normal(next(keys), shape, jnp.float32)
@@ -175,6 +210,18 @@ def jax_kernels(kernels: dict[str, dict[str, Any]]):
         args = (x, kernel, normal(spec['b'], out, out, spec['o']))
       else:
         fn, args = forward, (x, kernel)
+    elif kind == 'layer_norm':
+      x = normal(*spec['shape'])
+      module = layer_norm.LayerNorm(epsilon=1e-5,
+                                    impl=spec.get('impl', 'auto'))
+      params = module.init(next(keys), x)
+      forward = lambda x, p, m=module: m.apply(p, x)
+      fn, args = (with_grad(forward, x, params) if spec['grad']
+                  else (forward, (x, params)))
+    elif kind == 'quick_gelu':
+      forward = vit._activation('quick_gelu')  # pylint: disable=protected-access
+      x = normal(*spec['shape'])
+      fn, args = with_grad(forward, x) if spec['grad'] else (forward, (x,))
     else:
       raise ValueError(f'Unknown kernel kind {kind!r}.')
     compiled = jax.jit(fn).lower(*args).compile()
@@ -240,6 +287,30 @@ def torch_kernels(kernels: dict[str, dict[str, Any]], threads: int):
       else:
         fn = lambda x=x, w=weight, pad=pad: F.conv2d(F.pad(x, pad), w,
                                                      stride=2)
+    elif kind == 'layer_norm':
+      x = torch.randn(*spec['shape'], requires_grad=spec['grad'])
+      width = spec['shape'][-1]
+      weight = torch.ones(width, requires_grad=spec['grad'])
+      bias = torch.zeros(width, requires_grad=spec['grad'])
+      if spec['grad']:
+        dy = torch.randn(*spec['shape'])
+
+        def fn(x=x, weight=weight, bias=bias, dy=dy, width=width):
+          y = F.layer_norm(x, (width,), weight, bias, 1e-5)
+          return torch.autograd.grad(y, (x, weight, bias), dy)
+      else:
+        fn = lambda x=x, w=weight, b=bias, n=width: F.layer_norm(
+            x, (n,), w, b, 1e-5)
+    elif kind == 'quick_gelu':
+      x = torch.randn(*spec['shape'], requires_grad=spec['grad'])
+      if spec['grad']:
+        dy = torch.randn(*spec['shape'])
+
+        def fn(x=x, dy=dy):
+          y = x * torch.sigmoid(1.702 * x)
+          return torch.autograd.grad(y, (x,), dy)
+      else:
+        fn = lambda x=x: x * torch.sigmoid(1.702 * x)
     else:
       raise ValueError(f'Unknown kernel kind {kind!r}.')
     calls[name] = fn

@@ -5,13 +5,14 @@
 # both cases with the opt-in oneDNN flags, JAX only), kernels (the steps'
 # kernels alone, JAX against PyTorch, 1 and 2 threads; then JAX with XLA's
 # own YNNPACK choice), ab_step (the Dense, micro-batch and YNNPACK
-# changes and XLA's convolution gradients, each A/B in one process),
+# changes, XLA's convolution gradients, attention, LayerNorm and bias
+# gradients, each A/B in one process),
 # profile_step (where the JAX step's time goes), input_pipeline, scaling
 # (8 fake devices vs 1) and dakl_scaling. Results go to
 # benchmarks/results/*.json, the console output also to
 # benchmarks/results/run_all.log.
 #
-#   bash benchmarks/run_all.sh            # ~80 minutes on 2 cores
+#   bash benchmarks/run_all.sh            # ~90 minutes on 2 cores
 #   bash benchmarks/run_all.sh --quick    # smoke run of every script
 #
 # A failing benchmark does not stop the others; the exit status is 1 if any
@@ -96,6 +97,10 @@ run ab_conv_grad_matmul "${python}" benchmarks/ab_step.py \
   --change=conv_grad_matmul --cases=convnet_small --rounds=20 \
   "${quick[@]+"${quick[@]}"}"
 run ab_attention "${python}" benchmarks/ab_step.py --change=attention \
+  --cases=vit_b16 "${quick[@]+"${quick[@]}"}"
+run ab_layer_norm "${python}" benchmarks/ab_step.py --change=layer_norm \
+  --cases=vit_b16 "${quick[@]+"${quick[@]}"}"
+run ab_bias_grad "${python}" benchmarks/ab_step.py --change=bias_grad \
   --cases=vit_b16 "${quick[@]+"${quick[@]}"}"
 run profile_step "${python}" benchmarks/profile_step.py "${quick[@]+"${quick[@]}"}"
 run input_pipeline "${python}" benchmarks/input_pipeline.py "${quick[@]+"${quick[@]}"}"

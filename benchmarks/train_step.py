@@ -88,6 +88,7 @@ def make_spec(case: dict[str, Any], args) -> dict[str, Any]:
       infer_steps=args.infer_steps, threads=args.threads,
       conv_grad=getattr(args, 'conv_grad', 'auto'),
       attention=getattr(args, 'attention', 'auto'),
+      layer_norm=getattr(args, 'layer_norm', 'auto'),
       micro_batch=getattr(args, 'micro_batch', -1))
 
 
@@ -105,6 +106,7 @@ def _config_for(spec: dict[str, Any]):
   config.model.dtype = spec['dtype']
   config.model.conv_grad = spec.get('conv_grad', 'auto')
   config.model.attention = spec.get('attention', 'auto')
+  config.model.layer_norm = spec.get('layer_norm', 'auto')
   config.eval.micro_batch = spec.get('micro_batch', -1)
   config.vocab.loss_weight = 0.0
   if spec['backbone'] == 'sd_unet':
@@ -165,11 +167,12 @@ def _xla_op_flops(spec: dict[str, Any], built: dict[str, Any],
   """XLA's FLOP counts of the train and predict steps, computed on the same
   functions written with XLA's own ops.
 
-  XLA's cost analysis counts nothing inside an FFI call (the CPU attention
-  and convolution-gradient kernels, `models/cpu_kernels.py`), and a
-  micro-batched predict step's loop body once. So the counts come from the
-  step compiled with `attention='xla'`, `conv_grad='matmul'` and the whole
-  inference batch at once: the same function and the same FLOPs.
+  XLA's cost analysis counts nothing inside an FFI call (the CPU attention,
+  convolution-gradient and LayerNorm kernels, `models/cpu_kernels.py`), and
+  a micro-batched predict step's loop body once. So the counts come from the
+  step compiled with `attention='xla'`, `conv_grad='matmul'`,
+  `layer_norm='xla'` and the whole inference batch at once: the same
+  function and the same FLOPs.
   """
   # pylint: disable=g-import-not-at-top
   from reverse_sd import evaluate
@@ -177,7 +180,7 @@ def _xla_op_flops(spec: dict[str, Any], built: dict[str, Any],
   from reverse_sd import train
   from reverse_sd.models import reverse_model
   config = _config_for(dict(spec, attention='xla', conv_grad='matmul',
-                            micro_batch=0))
+                            layer_norm='xla', micro_batch=0))
   model = reverse_model.create_model(config.model)
   _, schedule = optim.create_optimizer(
       config.optim, total_steps=1000,
@@ -538,6 +541,10 @@ def _parse_args(argv=None):
                       choices=('auto', 'xla', 'cpu_kernel'),
                       help="JAX ViT attention (config.model.attention); "
                       "'xla' shows the speed before models/cpu_attention.py")
+  parser.add_argument('--layer_norm', default='auto',
+                      choices=('auto', 'xla', 'cpu_kernel'),
+                      help="JAX ViT LayerNorms (config.model.layer_norm); "
+                      "'xla' shows the speed before models/layer_norm.py")
   parser.add_argument('--micro_batch', type=int, default=-1,
                       help='JAX predict step: examples per device per '
                       'forward pass (config.eval.micro_batch; -1 auto, 0 '

@@ -54,6 +54,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   # on the CPU backend, built on first use; jax.nn.dot_product_attention
   # elsewhere), 'xla', 'cpu_kernel'. The same function either way.
   config.model.attention = 'auto'
+  # LayerNorms of 'vit' (models/layer_norm.py): 'auto' (a fused C++ kernel on
+  # CPU in a one-device process; flax.linen.LayerNorm elsewhere), 'xla',
+  # 'cpu_kernel'. The same function up to rounding.
+  config.model.layer_norm = 'auto'
   config.model.image_mean = (0.48145466, 0.4578275, 0.40821073)  # CLIP.
   config.model.image_std = (0.26862954, 0.26130258, 0.27577711)
   # A local pretrained checkpoint for the backbone (for 'vit': a Hugging Face

@@ -26,3 +26,19 @@ def context_file(tmp_path_factory):
   np.save(path, rng.normal(size=(77, TINY_SD_CROSS_ATTENTION_DIM)).astype(
       np.float32))
   return path
+
+
+def pytest_configure(config):
+  """Builds the C++ FFI kernels once, before the xdist workers start.
+
+  Otherwise every worker that first uses them compiles the same library at
+  the same time (about 20 s of CPU each on a fresh machine).
+  """
+  if hasattr(config, 'workerinput'):  # An xdist worker: the controller built.
+    return
+  # pylint: disable=g-import-not-at-top
+  from reverse_sd.models import cpu_kernels
+  try:
+    cpu_kernels.build()
+  except (RuntimeError, OSError):
+    pass  # The tests that need the kernels say why they cannot run.

@@ -4,6 +4,8 @@ No timing is asserted: these check that the scripts produce their numbers
 (FLOPs from XLA's cost analysis, the summary and table), not what they are.
 """
 
+import argparse
+
 import jax
 import numpy as np
 
@@ -104,15 +106,14 @@ def test_profile_attributes_op_time_to_the_model_code(tmp_path):
 
 
 def test_ab_step_builds_both_versions_and_times_them():
+  # One change of each kind (a config flag, a swapped function, compiler
+  # options); the other config flags are checked without building.
   from benchmarks import ab_step  # pylint: disable=g-import-not-at-top
   from reverse_sd.models import dense  # pylint: disable=g-import-not-at-top
-  before = dense.flat_dot_general
-  for change in ('dense', 'micro_batch', 'ynn', 'conv_grad',
-                 'conv_grad_matmul', 'attention'):
+  before = dense._bias_grad_as_product  # pylint: disable=protected-access
+  for change in ('micro_batch', 'bias_grad', 'ynn'):
     args = ab_step._parse_args(  # pylint: disable=protected-access
-        ['--quick', f'--change={change}', '--cases=convnet_small'
-         if change.startswith(('micro_batch', 'conv_grad'))
-         else '--cases=vit_b16'])
+        ['--quick', f'--change={change}', '--cases=convnet_small'])
     result = ab_step.run(args, devices=jax.devices()[:1])
     for key in ('A', 'B'):
       assert len(result['times_s'][key]['train']) == args.rounds
@@ -122,21 +123,38 @@ def test_ab_step_builds_both_versions_and_times_them():
       # too, so B does as well: the script itself asks for
       # REVERSE_SD_XLA_CPU_DEFAULTS=0 to compare.
       assert result['uses_ynn'] == {'A': False, 'B': False}
-  assert dense.flat_dot_general is before  # The change is undone.
+  # The swapped function is put back.
+  assert dense._bias_grad_as_product is before  # pylint: disable=protected-access
+  # Every config-flag change names a flag that make_spec passes on, with a
+  # value the model accepts.
+  args = ab_step._parse_args(['--quick'])  # pylint: disable=protected-access
+  case, = common.parse_cases('vit_b16', quick=True)
+  for change in ab_step.CHANGES.values():
+    if isinstance(change, tuple) and isinstance(change[0], str):
+      flag, value = change
+      spec = train_step.make_spec(case, argparse.Namespace(
+          **dict(vars(args), **{flag: value})))
+      assert spec[flag] == value, (flag, spec)
 
 
 def test_kernels_jax_worker_times_every_kernel_and_reports():
   from benchmarks import kernels  # pylint: disable=g-import-not-at-top
   args = kernels._parse_args(['--quick'])  # pylint: disable=protected-access
-  result = kernels.measure('jax', args.kernel_specs, threads=1, warmup=0,
-                           steps=1)
-  assert set(result['kernels']) == set(kernels.QUICK_KERNELS)
+  # One kernel of each kind (compiling all of them takes a minute).
+  specs = {}
+  for name, spec in kernels.QUICK_KERNELS.items():
+    if spec['kind'] not in {s['kind'] for s in specs.values()}:
+      specs[name] = spec
+  for name in ('attention_grad', 'quick_gelu_grad'):  # jax.vjp paths.
+    specs[name] = kernels.QUICK_KERNELS[name]
+  result = kernels.measure('jax', specs, threads=1, warmup=0, steps=1)
+  assert set(result['kernels']) == set(specs)
   for name, timing in result['kernels'].items():
     assert timing['median_s'] > 0, name
     assert (timing['flops_per_s'] is None) == (
         kernels.flops(kernels.QUICK_KERNELS[name]) is None), name
-  table = kernels.summarize({'jax_1t': [result], 'torch_1t': [{}]},
-                            args.kernel_specs)
+  assert set(kernels.QUICK_KERNELS) == set(kernels.KERNELS)
+  table = kernels.summarize({'jax_1t': [result], 'torch_1t': [{}]}, specs)
   report = kernels.format_report(table, ['jax_1t', 'torch_1t'])
   assert 'attn_softmax' in report and 'ms' in report
   assert 'jax/torch 1t' in report

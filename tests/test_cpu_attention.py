@@ -118,19 +118,20 @@ def test_cpu_kernel_says_why_it_cannot_run():
 
 
 def test_vit_is_the_same_function_with_either_impl():
+  # Attention and LayerNorms (models/layer_norm.py) both.
   cfg = vit.VARIANTS['tiny']
   images = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
-  model = {impl: vit.VisionTransformer(cfg, attention=impl)
+  model = {impl: vit.VisionTransformer(cfg, attention=impl, layer_norm=impl)
            for impl in ('xla', 'cpu_kernel')}
-  params = model['xla'].init(jax.random.key(1), images)
+  params = jax.jit(model['xla'].init)(jax.random.key(1), images)
   # A random read-out (a sum of squares of the LayerNorm-ed output would be
   # nearly constant, its gradients float32 rounding).
   w = jax.random.normal(jax.random.key(2), (2, cfg.width))
 
   def loss(impl, params):
     return jnp.sum(model[impl].apply(params, images) * w)
-  got = jax.value_and_grad(lambda p: loss('cpu_kernel', p))(params)
-  want = jax.value_and_grad(lambda p: loss('xla', p))(params)
+  got = jax.jit(jax.value_and_grad(lambda p: loss('cpu_kernel', p)))(params)
+  want = jax.jit(jax.value_and_grad(lambda p: loss('xla', p)))(params)
   np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5,
                                                        rtol=1e-4),

@@ -15,7 +15,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_a_failed_build_names_the_command(monkeypatch, tmp_path):
   monkeypatch.setenv(cpu_kernels.CACHE_ENV, str(tmp_path))
   monkeypatch.setenv('CXX', 'false')
-  with pytest.raises(RuntimeError, match='`false .*cpu_conv.cc.*` failed'):
+  with pytest.raises(RuntimeError,
+                     match='`false .*cpu_attention.cc.*` failed'):
     cpu_kernels.build()
   assert not list(tmp_path.iterdir())  # No partial library left behind.
 
@@ -48,6 +49,7 @@ def test_single_device_process_uses_the_kernels():
       text = str(jax.make_jaxpr(jax.grad(
           lambda p: model.apply(p, images).sum()))(params))
       assert 'rsd_attention_backward' in text, text[:500]
+      assert 'rsd_layer_norm_backward' in text, text[:500]
       print('ok')
   ''')
   env = dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu',

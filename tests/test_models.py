@@ -21,16 +21,19 @@ def _model(backbone, variant, **overrides):
   return reverse_model.create_model(config.model)
 
 
+# The 'small' variants differ from 'tiny' only in widths and depth; the ViT's
+# also in its patch grid. (The CLIP-ResNet's compile alone is ~30 s here.)
 @pytest.mark.parametrize('backbone,variant,size', [
-    ('convnet', 'tiny', 32), ('convnet', 'small', 64),
-    ('clip_resnet', 'tiny', 32), ('clip_resnet', 'small', 64),
-    ('vit', 'tiny', 32), ('vit', 'small', 64)])
+    ('convnet', 'tiny', 32), ('clip_resnet', 'tiny', 32), ('vit', 'tiny', 32),
+    ('vit', 'small', 64)])
 def test_output_shape_and_unit_norm(backbone, variant, size):
   model = _model(backbone, variant)
   images = jax.random.randint(jax.random.key(0), (3, size, size, 3), 0, 256,
                               jnp.int32).astype(jnp.uint8)
-  params = model.init(jax.random.key(1), images)
-  out = model.apply(params, images)
+  # Jitted: one compile each instead of one per op (minutes for the
+  # CLIP-ResNet on 2 shared cores).
+  params = jax.jit(model.init)(jax.random.key(1), images)
+  out = jax.jit(model.apply)(params, images)
   assert out['embedding'].shape == (3, 384)
   assert out['embedding'].dtype == jnp.float32
   np.testing.assert_allclose(jnp.linalg.norm(out['embedding'], axis=-1), 1.0,

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from reverse_sd import sharding
 from reverse_sd import xla_cpu
 from reverse_sd.models import dense
 
@@ -175,6 +176,33 @@ def test_dense_keeps_batch_sharding():
   out = jax.jit(module.apply)(params, x)
   assert out.shape == (8, 5, 3)
   assert out.sharding.spec[0] == 'data'
+
+
+def test_bias_gradient_is_a_product_and_keeps_its_value():
+  # On CPU the bias gradient is ones @ dy (dense.add_bias), the same value as
+  # the column sum, on a batch sharded over the 8 devices too (the project's
+  # meshes: automatic axes).
+  mesh = sharding.make_mesh(('data',), (8,))
+  x = jax.random.normal(jax.random.key(0), (16, 5, 4))
+  w = jax.random.normal(jax.random.key(1), (16, 5, 3))
+  sharded = [jax.device_put(a, jax.sharding.NamedSharding(
+      mesh, jax.sharding.PartitionSpec('data'))) for a in (x, w)]
+  params = nn.Dense(3).init(jax.random.key(2), x)
+  grad = lambda m: jax.jit(jax.grad(
+      lambda p, x, w: jnp.sum(m.apply(p, x) * w)))
+  got = grad(dense.Dense(3))(params, *sharded)
+  want = grad(nn.Dense(3))(params, x, w)
+  np.testing.assert_allclose(got['params']['bias'], want['params']['bias'],
+                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(got['params']['bias'],
+                             np.sum(np.asarray(w), axis=(0, 1)), rtol=1e-5,
+                             atol=1e-5)
+  text = jax.jit(jax.grad(lambda b, y: jnp.sum(dense.add_bias(y, b) * y)))
+  hlo = text.lower(jnp.zeros(3), x[..., :3]).compile().as_text()
+  assert ' dot(' in hlo and 'reduce' not in hlo, hlo
+  bf16 = jax.grad(lambda b: jnp.sum(dense.add_bias(
+      jnp.ones((4, 3), jnp.bfloat16), b)))(jnp.zeros(3, jnp.bfloat16))
+  assert bf16.dtype == jnp.bfloat16 and np.all(np.asarray(bf16) == 4)
 
 
 def test_flat_dot_general_leaves_other_patterns_alone():

@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from reverse_sd.models import cpu_kernels
+from reverse_sd.models import dense
 
 GRAD_IMPLS = ('auto', 'xla', 'matmul', 'cpu_kernel')
 _DIMENSION_NUMBERS = ('NHWC', 'HWIO', 'NHWC')
@@ -274,6 +275,5 @@ class Conv(nn.Module):
     x, kernel, bias = nn.dtypes.promote_dtype(x_BxHxWxC, kernel, bias,
                                               dtype=self.dtype)
     y = conv2d(x, kernel, strides, self.padding, self.grad_impl)
-    if bias is not None:
-      y = y + bias
-    return y
+    # The bias gradient as a matrix-vector product on CPU (dense.add_bias).
+    return y if bias is None else dense.add_bias(y, bias)

@@ -20,7 +20,6 @@ gradients.
 """
 
 import functools
-import logging
 
 import jax
 import jax.numpy as jnp
@@ -31,12 +30,6 @@ from reverse_sd.models import cpu_kernels
 IMPLS = ('auto', 'xla', 'cpu_kernel')
 _FORWARD = 'rsd_attention_forward'
 _BACKWARD = 'rsd_attention_backward'
-
-
-@functools.cache
-def _warn_once(reason: str) -> None:
-  logging.warning('Fused CPU attention unavailable (%s); using '
-                  'jax.nn.dot_product_attention.', reason)
 
 
 def _forward_call(q, k, v, scale):
@@ -113,6 +106,8 @@ def attention(q_BxQxHxD, k_BxTxHxD, v_BxTxHxD, mask=None,
       raise ValueError("attention impl 'cpu_kernel' cannot run: "
                        f'{reason or unavailable}.')
     if unavailable and jax.default_backend() == 'cpu':
-      _warn_once(unavailable)
+      cpu_kernels.warn_unavailable('Fused CPU attention',
+                                   'jax.nn.dot_product_attention',
+                                   unavailable)
   return jax.nn.dot_product_attention(q_BxQxHxD, k_BxTxHxD, v_BxTxHxD,
                                       mask=mask)

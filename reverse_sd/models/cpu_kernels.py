@@ -1,10 +1,10 @@
 """Builds, loads and registers the project's XLA:CPU FFI kernels.
 
 The kernels are C++ next to this file (`cpu_attention.cc`: fused attention
-and its gradient; `cpu_conv.cc`: convolution gradients; shared pieces in
-`cpu_kernels.h`). They are compiled on first use with the system's C++
-compiler (`$CXX`, else `g++` or `c++` on PATH) against jaxlib's FFI headers
-into one shared library, cached under `$REVERSE_SD_KERNEL_CACHE` (default
+and its gradient; `cpu_conv.cc`: convolution gradients; `cpu_layer_norm.cc`:
+LayerNorm and its gradient; shared pieces in `cpu_kernels.h`). They are
+compiled on first use with the system's C++ compiler (`$CXX`, else `g++` or
+`c++` on PATH) against jaxlib's FFI headers into one shared library, cached under `$REVERSE_SD_KERNEL_CACHE` (default
 `~/.cache/reverse_sd/kernels`) and keyed by the sources, the flags, the
 compiler and jaxlib's version, so an edit or an upgrade rebuilds it. The
 build writes a temporary file and renames it, so concurrent processes (test
@@ -19,6 +19,7 @@ keep XLA's ops (cuDNN, the TPU kernels) there.
 import ctypes
 import functools
 import hashlib
+import logging
 import os
 import pathlib
 import platform
@@ -31,7 +32,8 @@ import jaxlib
 
 CACHE_ENV = 'REVERSE_SD_KERNEL_CACHE'
 _HERE = pathlib.Path(__file__).parent
-SOURCES = (_HERE / 'cpu_attention.cc', _HERE / 'cpu_conv.cc')
+SOURCES = (_HERE / 'cpu_attention.cc', _HERE / 'cpu_conv.cc',
+           _HERE / 'cpu_layer_norm.cc')
 HEADERS = (_HERE / 'cpu_kernels.h',)
 
 # FFI target name -> (exported handler symbol, batch partitionable). A batch
@@ -43,6 +45,8 @@ TARGETS = {
     'rsd_attention_backward': ('RsdAttentionBackward', True),
     'rsd_conv_kernel_grad': ('RsdConvKernelGrad', False),
     'rsd_conv_input_grad': ('RsdConvInputGrad', True),
+    'rsd_layer_norm_forward': ('RsdLayerNormForward', False),
+    'rsd_layer_norm_backward': ('RsdLayerNormBackward', False),
 }
 
 
@@ -97,6 +101,25 @@ def library_path(compiler: str) -> pathlib.Path:
   return cache_dir() / f'cpu_kernels-{key.hexdigest()[:16]}.so'
 
 
+def _run_all(commands: list[list[str]]) -> None:
+  """Runs the commands at once (one per source: the cores compile in
+  parallel); raises naming the first that failed."""
+  running = [(c, subprocess.Popen(c, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.PIPE, text=True))
+             for c in commands]
+  failed = None
+  for command, process in running:
+    try:
+      _, stderr = process.communicate(timeout=600)
+    except subprocess.TimeoutExpired:
+      process.kill()
+      stderr = process.communicate()[1] + '\n(timed out after 600 s)'
+    if process.returncode and failed is None:
+      failed = RuntimeError(f'`{" ".join(command)}` failed:\n{stderr[-2000:]}')
+  if failed:
+    raise failed
+
+
 def build() -> pathlib.Path:
   """Compiles the library into the cache unless it is there; its path."""
   compiler = _compiler()
@@ -104,20 +127,15 @@ def build() -> pathlib.Path:
   if path.exists():
     return path
   path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(suffix='.so', dir=path.parent)
-  os.close(fd)
-  command = [compiler, *_compile_flags(), f'-I{jax.ffi.include_dir()}',
-             *map(str, SOURCES), '-o', tmp]
-  try:
-    result = subprocess.run(command, capture_output=True, text=True,
-                            timeout=600, check=False)
-    if result.returncode:
-      raise RuntimeError(f'`{" ".join(command)}` failed:\n'
-                         f'{result.stderr[-2000:]}')
-    os.replace(tmp, path)  # Concurrent builders: the last one wins, intact.
-  finally:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
+  with tempfile.TemporaryDirectory(dir=path.parent) as work:
+    objects = [os.path.join(work, f'{source.stem}.o') for source in SOURCES]
+    flags = _compile_flags()
+    _run_all([[compiler, *flags, '-c', f'-I{jax.ffi.include_dir()}',
+               str(source), '-o', obj]
+              for source, obj in zip(SOURCES, objects)])
+    library = os.path.join(work, path.name)
+    _run_all([[compiler, *flags, *objects, '-o', library]])
+    os.replace(library, path)  # Concurrent builders: the last one wins.
   return path
 
 
@@ -140,6 +158,12 @@ def _load() -> str | None:
     if TARGETS[name][1]:
       jax.ffi.register_ffi_target_as_batch_partitionable(name)
   return None
+
+
+@functools.cache
+def warn_unavailable(kernel: str, fallback: str, reason: str) -> None:
+  """Logs once per (kernel, reason) that `fallback` runs instead."""
+  logging.warning('%s unavailable (%s); using %s.', kernel, reason, fallback)
 
 
 def unavailable_reason() -> str | None:

@@ -17,6 +17,7 @@ from reverse_sd.models import cpu_attention
 from reverse_sd.models import dense
 from reverse_sd.models import convnet
 from reverse_sd.models import heads
+from reverse_sd.models import layer_norm
 from reverse_sd.models import resnet
 from reverse_sd.models import vit
 from reverse_sd.models import whitebox
@@ -147,6 +148,10 @@ def create_model(model_config: ml_collections.ConfigDict,
     if extra['attention'] not in cpu_attention.IMPLS:
       raise ValueError(f'config.model.attention={extra["attention"]!r}; '
                        f'expected one of {cpu_attention.IMPLS}.')
+    extra['layer_norm'] = model_config.get('layer_norm', 'auto')
+    if extra['layer_norm'] not in layer_norm.IMPLS:
+      raise ValueError(f'config.model.layer_norm={extra["layer_norm"]!r}; '
+                       f'expected one of {layer_norm.IMPLS}.')
   if model_config.get('vit_projection', False):
     if model_config.backbone != 'vit':
       raise ValueError('config.model.vit_projection=True needs backbone '

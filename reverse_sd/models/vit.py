@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from reverse_sd.models import conv
 from reverse_sd.models import cpu_attention
 from reverse_sd.models import dense
+from reverse_sd.models import layer_norm as layer_norm_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,12 +136,14 @@ class EncoderLayer(nn.Module):
 
   `config` is a `ViTConfig` or any config with the same `width`, `heads`,
   `mlp_dim`, `activation` and `layer_norm_eps` fields (the CLIP text
-  transformer's `ClipTextConfig`). `mask` is passed to `Attention`, and
-  `attention` is its `impl`.
+  transformer's `ClipTextConfig`). `mask` is passed to `Attention`,
+  `attention` is its `impl` and `layer_norm` the LayerNorms' `impl`
+  (`layer_norm.IMPLS`).
   """
   config: ViTConfig
   dtype: jnp.dtype = jnp.float32
   attention: str = 'auto'
+  layer_norm: str = 'auto'
 
   @nn.compact
   def __call__(self, x, mask=None, query_tokens: int | None = None):
@@ -148,8 +151,9 @@ class EncoderLayer(nn.Module):
     only the first `query_tokens` tokens are updated (attending to all T)
     and returned, which is all a read-out of those tokens needs."""
     cfg = self.config
-    norm = lambda name: nn.LayerNorm(epsilon=cfg.layer_norm_eps,
-                                     dtype=self.dtype, name=name)
+    norm = lambda name: layer_norm_lib.LayerNorm(
+        epsilon=cfg.layer_norm_eps, dtype=self.dtype, impl=self.layer_norm,
+        name=name)
     h = norm('layer_norm1')(x)
     if query_tokens is None:
       x = x + Attention(cfg.width, cfg.heads, self.dtype, self.attention,
@@ -180,11 +184,15 @@ class VisionTransformer(nn.Module):
       [B, projection_dim] instead of the pooled feature.
     attention: how attention runs (`cpu_attention.IMPLS`; 'auto': the fused
       CPU kernel on CPU, `jax.nn.dot_product_attention` elsewhere).
+    layer_norm: how the LayerNorms run (`layer_norm.IMPLS`; 'auto': a fused
+      CPU kernel on CPU in a one-device process, `flax.linen.LayerNorm`
+      elsewhere).
   """
   config: ViTConfig
   dtype: jnp.dtype = jnp.float32
   use_projection: bool = False
   attention: str = 'auto'
+  layer_norm: str = 'auto'
 
   @nn.compact
   def __call__(self, images_BxHxWx3):
@@ -201,16 +209,17 @@ class VisionTransformer(nn.Module):
     pos = self.param('position_embedding', nn.initializers.normal(0.02),
                      (x.shape[1], cfg.width))
     x = x + pos.astype(x.dtype)
-    x = nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=self.dtype,
-                     name='pre_layrnorm')(x)
+    norm = lambda name: layer_norm_lib.LayerNorm(
+        epsilon=cfg.layer_norm_eps, dtype=self.dtype, impl=self.layer_norm,
+        name=name)
+    x = norm('pre_layrnorm')(x)
     for i in range(cfg.layers):
       # The read-out is the class token: the last layer updates only it
       # (the same result with ~1/cfg.layers fewer FLOPs).
       last = i == cfg.layers - 1
-      x = EncoderLayer(cfg, self.dtype, self.attention, name=f'layers_{i}')(
-          x, query_tokens=1 if last else None)
-    pooled = nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=self.dtype,
-                          name='post_layernorm')(x[:, 0])
+      x = EncoderLayer(cfg, self.dtype, self.attention, self.layer_norm,
+                       name=f'layers_{i}')(x, query_tokens=1 if last else None)
+    pooled = norm('post_layernorm')(x[:, 0])
     if not self.use_projection:
       return pooled
     if cfg.projection_dim <= 0:
