@@ -160,7 +160,8 @@ def jax_kernels(kernels: dict[str, dict[str, Any]]):
   # pylint: enable=g-import-not-at-top
 
   def with_grad(forward, *inputs):
-    """Forward + backward of `forward`; the cotangent is an input."""
+    """Forward + backward of `forward` (gradients of all its inputs); the
+    cotangent is an input, as in the model."""
     def fn(*args):
       out, vjp = jax.vjp(forward, *args[:-1])
       return out, vjp(args[-1])
@@ -184,46 +185,28 @@ def jax_kernels(kernels: dict[str, dict[str, Any]]):
     elif kind == 'softmax':
       fn, args = lambda x: jax.nn.softmax(x, axis=-1), (normal(*spec['shape']),)
     elif kind == 'attention':
-      qkv = [normal(spec['b'], spec['t'], spec['h'], spec['d'])
-             for _ in range(3)]
-      attention = functools.partial(cpu_attention.attention,
-                                    impl=spec.get('impl', 'auto'))
-      if spec['grad']:
-        # Forward + backward; the cotangent is an input, as in the model.
-        def fn(q, k, v, dout, attention=attention):
-          out, vjp = jax.vjp(attention, q, k, v)
-          return out, vjp(dout)
-        args = (*qkv, normal(spec['b'], spec['t'], spec['h'], spec['d']))
-      else:
-        fn, args = attention, tuple(qkv)
+      fn = functools.partial(cpu_attention.attention,
+                             impl=spec.get('impl', 'auto'))
+      args = tuple(normal(spec['b'], spec['t'], spec['h'], spec['d'])
+                   for _ in range(3))
     elif kind == 'conv':
-      out = math.ceil(spec['size'] / 2)
-      x = normal(spec['b'], spec['size'], spec['size'], spec['c'])
-      kernel = normal(3, 3, spec['c'], spec['o'])
-      forward = functools.partial(conv.conv2d, strides=(2, 2),
-                                  padding='SAME',
-                                  grad_impl=spec.get('impl', 'auto'))
-      if spec['grad']:
-        def fn(x, k, dy, forward=forward):
-          out, vjp = jax.vjp(forward, x, k)
-          return out, vjp(dy)
-        args = (x, kernel, normal(spec['b'], out, out, spec['o']))
-      else:
-        fn, args = forward, (x, kernel)
+      fn = functools.partial(conv.conv2d, strides=(2, 2), padding='SAME',
+                             grad_impl=spec.get('impl', 'auto'))
+      args = (normal(spec['b'], spec['size'], spec['size'], spec['c']),
+              normal(3, 3, spec['c'], spec['o']))
     elif kind == 'layer_norm':
       x = normal(*spec['shape'])
       module = layer_norm.LayerNorm(epsilon=1e-5,
                                     impl=spec.get('impl', 'auto'))
-      params = module.init(next(keys), x)
-      forward = lambda x, p, m=module: m.apply(p, x)
-      fn, args = (with_grad(forward, x, params) if spec['grad']
-                  else (forward, (x, params)))
+      fn = lambda x, p, m=module: m.apply(p, x)
+      args = (x, module.init(next(keys), x))
     elif kind == 'quick_gelu':
-      forward = vit._activation('quick_gelu')  # pylint: disable=protected-access
-      x = normal(*spec['shape'])
-      fn, args = with_grad(forward, x) if spec['grad'] else (forward, (x,))
+      fn = vit._activation('quick_gelu')  # pylint: disable=protected-access
+      args = (normal(*spec['shape']),)
     else:
       raise ValueError(f'Unknown kernel kind {kind!r}.')
+    if spec.get('grad'):
+      fn, args = with_grad(fn, *args)
     compiled = jax.jit(fn).lower(*args).compile()
     calls[name] = (lambda c=compiled, a=args: jax.block_until_ready(c(*a)))
   return calls, {'jax': jax.__version__, 'backend': jax.default_backend()}

@@ -205,6 +205,21 @@ def test_bias_gradient_is_a_product_and_keeps_its_value():
   assert bf16.dtype == jnp.bfloat16 and np.all(np.asarray(bf16) == 4)
 
 
+def test_bias_gradient_on_an_explicitly_sharded_batch():
+  # Explicit mesh axes: the product of the replicated ones with the sharded
+  # rows must still get its sharding from JAX.
+  mesh = jax.make_mesh((8,), ('data',),
+                       axis_types=(jax.sharding.AxisType.Explicit,))
+  y = jax.random.normal(jax.random.key(0), (16, 5, 3))
+  w = jax.random.normal(jax.random.key(1), (16, 5, 3))
+  sharded = [jax.device_put(a, jax.sharding.NamedSharding(
+      mesh, jax.sharding.PartitionSpec('data'))) for a in (y, w)]
+  grad = jax.jit(jax.grad(lambda b, y, w: jnp.sum(dense.add_bias(y, b) * w)))
+  np.testing.assert_allclose(grad(jnp.zeros(3), *sharded),
+                             np.sum(np.asarray(w), axis=(0, 1)), rtol=1e-5,
+                             atol=1e-5)
+
+
 def test_flat_dot_general_leaves_other_patterns_alone():
   a = jnp.ones((2, 3, 4))
   b = jnp.ones((2, 4, 5))

@@ -4,11 +4,13 @@ The kernels are C++ next to this file (`cpu_attention.cc`: fused attention
 and its gradient; `cpu_conv.cc`: convolution gradients; `cpu_layer_norm.cc`:
 LayerNorm and its gradient; shared pieces in `cpu_kernels.h`). They are
 compiled on first use with the system's C++ compiler (`$CXX`, else `g++` or
-`c++` on PATH) against jaxlib's FFI headers into one shared library, cached under `$REVERSE_SD_KERNEL_CACHE` (default
-`~/.cache/reverse_sd/kernels`) and keyed by the sources, the flags, the
-compiler and jaxlib's version, so an edit or an upgrade rebuilds it. The
-build writes a temporary file and renames it, so concurrent processes (test
-workers, hosts sharing a home directory) never load a half-written library.
+`c++` on PATH) against jaxlib's FFI headers, one source per process in
+parallel, into one shared library cached under `$REVERSE_SD_KERNEL_CACHE`
+(default `~/.cache/reverse_sd/kernels`) and keyed by the sources, the flags,
+the compiler and jaxlib's version, so an edit or an upgrade rebuilds it. The
+build links in a temporary directory and renames the library into place, so
+concurrent processes (test workers, hosts sharing a home directory) never
+load a half-written one.
 
 On x86-64 the library is compiled for AVX2 and FMA (every x86 server CPU of
 the last ten years), and a CPU without them gets XLA's own ops instead.

@@ -35,17 +35,7 @@ def _add_bias_rows_fwd(y, bias):
   return y + bias, None
 
 
-def _rows_sharded(x) -> bool:
-  """Whether x's leading axes are sharded over an explicit mesh axis."""
-  spec = getattr(jax.typeof(x).sharding, 'spec', ())
-  return any(axis is not None for axis in tuple(spec)[:-1])
-
-
 def _add_bias_rows_bwd(_, dy):
-  if _rows_sharded(dy):
-    # Explicit sharding: a product over a sharded axis would need its output
-    # sharding spelled out; the reduction gets it from JAX.
-    return dy, jnp.sum(dy, axis=tuple(range(dy.ndim - 1)))
   rows = dy.reshape(-1, dy.shape[-1])
   dbias = lax.dot_general(jnp.ones((rows.shape[0],), rows.dtype), rows,
                           (((0,), (0,)), ((), ())),

@@ -89,17 +89,11 @@ class LayerNorm(nn.LayerNorm):
         jnp.float32) or jnp.dtype(self.param_dtype) != jnp.float32:
       return (f'dtype {x.dtype} / {self.dtype} / {self.param_dtype} (the '
               'kernel is float32)')
-    last = {-1, x.ndim - 1}
-    if (not isinstance(self.reduction_axes, int) and tuple(
-        self.reduction_axes) not in ((-1,), (x.ndim - 1,))) or (
-            isinstance(self.reduction_axes, int)
-            and self.reduction_axes not in last):
-      return f'reduction_axes={self.reduction_axes} (the kernel: the last)'
-    if (not isinstance(self.feature_axes, int) and tuple(
-        self.feature_axes) not in ((-1,), (x.ndim - 1,))) or (
-            isinstance(self.feature_axes, int)
-            and self.feature_axes not in last):
-      return f'feature_axes={self.feature_axes} (the kernel: the last)'
+    for field in ('reduction_axes', 'feature_axes'):
+      axes = getattr(self, field)
+      axes = (axes,) if isinstance(axes, int) else tuple(axes)
+      if len(axes) != 1 or axes[0] % x.ndim != x.ndim - 1:
+        return f'{field}={getattr(self, field)} (the kernel: the last axis)'
     if not (self.use_bias and self.use_scale):
       return 'use_bias=False or use_scale=False'
     if self.axis_name is not None:
@@ -116,9 +110,7 @@ class LayerNorm(nn.LayerNorm):
       if reason is None and self.impl == 'auto' and jax.device_count() > 1:
         reason = (f'{jax.device_count()} devices (the parameter gradient '
                   'would gather the batch)')
-        unavailable = None
-      else:
-        unavailable = None if reason else cpu_kernels.unavailable_reason()
+      unavailable = None if reason else cpu_kernels.unavailable_reason()
       if reason is None and unavailable is None:
         features = x.shape[-1]
         scale = self.param('scale', self.scale_init, (features,),
