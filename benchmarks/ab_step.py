@@ -29,6 +29,10 @@ code stands and (B) with one change undone, then runs A, B, A, B, ... for
 - `layer_norm`: A = the ViT's LayerNorms of `--layer_norm` (default auto:
   in a one-device process the fused CPU kernel, `models/layer_norm.py`),
   B = `flax.linen.LayerNorm` (`config.model.layer_norm='xla'`).
+- `grad_norm`: A = the gradients' global norm of `--grad_norm` (default
+  auto: in a one-device process the fused CPU kernel,
+  `models/cpu_sum_squares.cc`), B = `optax.tree.norm`
+  (`config.optim.grad_norm='xla'`).
 - `ynn`: A = compiled without YNNPACK fusions (the project's XLA:CPU
   default, `reverse_sd/xla_cpu.py`), B = XLA's own choice. Run it with
   REVERSE_SD_XLA_CPU_DEFAULTS=0, so that the process keeps XLA's flags:
@@ -71,6 +75,7 @@ CHANGES = {
     'conv_grad_matmul': ('conv_grad', 'matmul'),
     'attention': ('attention', 'xla'),
     'layer_norm': ('layer_norm', 'xla'),
+    'grad_norm': ('grad_norm', 'xla'),
     # XLA compiler options A compiles with; B with the process's flags.
     'ynn': {'xla_cpu_experimental_ynn_fusion_type': ''},
 }
@@ -152,7 +157,7 @@ def _parse_args(argv=None):
                         ('infer_warmup', 0), ('infer_steps', 0),
                         ('threads', len(common.cores())), ('micro_batch', -1),
                         ('conv_grad', 'auto'), ('attention', 'auto'),
-                        ('layer_norm', 'auto')):
+                        ('layer_norm', 'auto'), ('grad_norm', 'auto')):
     parser.add_argument(f'--{flag}', type=type(default), default=default)
   args = parser.parse_args(argv)
   if args.quick:

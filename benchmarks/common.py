@@ -1,9 +1,10 @@
 """Helpers shared by the benchmark scripts: timing, memory, JSON, tables.
 
 Imports only the standard library, so it runs in both environments: the
-main `.venv` (JAX) and the reference `.venv-ref` (PyTorch). Benchmarks
-import it as `from benchmarks import common` after putting the repository
-root on `sys.path`.
+main `.venv` (JAX) and the reference `.venv-ref` (PyTorch); `worker_env`,
+which only the drivers in `.venv` call, reads `reverse_sd.host_memory`.
+Benchmarks import it as `from benchmarks import common` after putting the
+repository root on `sys.path`.
 
 A measurement is a list of per-step wall times after warm-up; its summary
 (`summarize`) keeps the raw times with the median, so the JSON written by
@@ -131,9 +132,18 @@ def _quantile(values: Sequence[float], q: float) -> float:
   return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
-def time_steps(step: Callable[[], Any], *, warmup: int,
-               steps: int) -> tuple[list[float], list[float]]:
+def time_steps(step: Callable[[], Any], *, warmup: int, steps: int,
+               counters: dict[str, float] | None = None
+               ) -> tuple[list[float], list[float]]:
   """Runs `step` warmup + steps times; `step` must block until done.
+
+  Args:
+    step: the step.
+    warmup: untimed steps first.
+    steps: timed steps.
+    counters: if given, gets this process's page faults
+      (`minor_faults_per_step`: memory the kernel mapped in and zeroed) and
+      system CPU time (`system_s_per_step`) per timed step.
 
   Returns:
     (warm-up times, timed times), in seconds.
@@ -142,10 +152,17 @@ def time_steps(step: Callable[[], Any], *, warmup: int,
     raise ValueError(f'steps must be >= 1, got {steps}.')
   warmup_times, times = [], []
   for i in range(warmup + steps):
+    if i == warmup:
+      usage = resource.getrusage(resource.RUSAGE_SELF)
     start = time.perf_counter()
     step()
     (warmup_times if i < warmup else times).append(time.perf_counter() -
                                                    start)
+  if counters is not None:
+    end = resource.getrusage(resource.RUSAGE_SELF)
+    counters['minor_faults_per_step'] = (end.ru_minflt -
+                                         usage.ru_minflt) / steps
+    counters['system_s_per_step'] = (end.ru_stime - usage.ru_stime) / steps
   return warmup_times, times
 
 
@@ -274,7 +291,8 @@ def worker_env(*, fake_devices: int | None = None,
 
   XLA's fake-device flag is removed (or set to `fake_devices`), and the BLAS
   and OpenMP pools get `threads` threads (default: the available cores), the
-  count given to torch.set_num_threads too.
+  count given to torch.set_num_threads too. glibc gets the settings of
+  `reverse_sd.host_memory` (the same for every framework).
   """
   env = dict(os.environ)
   flags = [f for f in env.get('XLA_FLAGS', '').split()
@@ -287,10 +305,22 @@ def worker_env(*, fake_devices: int | None = None,
     env[name] = str(threads)
   env.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
   env.setdefault('HF_HUB_OFFLINE', '1')
+  # Every framework's worker gets the host allocator settings that reverse_sd
+  # makes for itself on import (reverse_sd/host_memory.py: freed blocks stay
+  # mapped), so no framework pays page faults the other does not.
+  # REVERSE_SD_MALLOC_DEFAULTS=0 gives every worker glibc's defaults.
+  env.update(host_memory_env(env))
   env['PYTHONPATH'] = os.pathsep.join(
       [str(REPO)] + [p for p in env.get('PYTHONPATH', '').split(os.pathsep)
                      if p])
   return env
+
+
+def host_memory_env(environ: dict[str, str]) -> dict[str, str]:
+  """The glibc variables of `reverse_sd.host_memory.subprocess_env`."""
+  # pylint: disable=g-import-not-at-top
+  from reverse_sd import host_memory
+  return host_memory.subprocess_env(environ)
 
 
 def run_worker(command: Sequence[str], env: dict[str, str], *,

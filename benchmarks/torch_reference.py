@@ -237,9 +237,11 @@ def measure(spec: dict[str, Any], mode: str, device_name: str
         loss_model, images, targets, spec, device)
   model.train()
   try:
+    counters = {}
     warmup_times, times = common.time_steps(
-        train_once, warmup=spec['warmup'], steps=spec['steps'])
-    result['train'] = dict(common.summarize(times),
+        train_once, warmup=spec['warmup'], steps=spec['steps'],
+        counters=counters)
+    result['train'] = dict(common.summarize(times), **counters,
                            batch=spec['train_batch'],
                            warmup_times_s=warmup_times,
                            final_loss=float(last['loss']))
@@ -262,12 +264,14 @@ def _measure_inference(spec, mode, model, device) -> dict[str, Any]:
       forward(images)
     _sync(device)
 
+  counters = {}
   try:
     warmup_times, times = common.time_steps(
-        infer_once, warmup=spec['infer_warmup'], steps=spec['infer_steps'])
+        infer_once, warmup=spec['infer_warmup'], steps=spec['infer_steps'],
+        counters=counters)
   except Exception as e:  # pylint: disable=broad-except
     return {'error': f'{type(e).__name__}: {str(e)[:2000]}'}
-  return dict(common.summarize(times), batch=spec['infer_batch'],
+  return dict(common.summarize(times), **counters, batch=spec['infer_batch'],
               warmup_times_s=warmup_times)
 
 

@@ -89,6 +89,7 @@ def make_spec(case: dict[str, Any], args) -> dict[str, Any]:
       conv_grad=getattr(args, 'conv_grad', 'auto'),
       attention=getattr(args, 'attention', 'auto'),
       layer_norm=getattr(args, 'layer_norm', 'auto'),
+      grad_norm=getattr(args, 'grad_norm', 'auto'),
       micro_batch=getattr(args, 'micro_batch', -1))
 
 
@@ -107,6 +108,7 @@ def _config_for(spec: dict[str, Any]):
   config.model.conv_grad = spec.get('conv_grad', 'auto')
   config.model.attention = spec.get('attention', 'auto')
   config.model.layer_norm = spec.get('layer_norm', 'auto')
+  config.optim.grad_norm = spec.get('grad_norm', 'auto')
   config.eval.micro_batch = spec.get('micro_batch', -1)
   config.vocab.loss_weight = 0.0
   if spec['backbone'] == 'sd_unet':
@@ -168,11 +170,14 @@ def _xla_op_flops(spec: dict[str, Any], built: dict[str, Any],
   functions written with XLA's own ops.
 
   XLA's cost analysis counts nothing inside an FFI call (the CPU attention,
-  convolution-gradient and LayerNorm kernels, `models/cpu_kernels.py`), and
+  convolution-gradient, LayerNorm and gradient-norm kernels,
+  `models/cpu_kernels.py`), and
   a micro-batched predict step's loop body once. So the counts come from the
   step compiled with `attention='xla'`, `conv_grad='matmul'`,
-  `layer_norm='xla'` and the whole inference batch at once: the same
-  function and the same FLOPs.
+  `layer_norm='xla'`, `grad_norm='xla'` (the metric's norm; the clipping
+  norm inside `state`'s optimizer stays uncounted: 2 FLOPs per parameter)
+  and the whole inference batch at once: the same function and the same
+  FLOPs.
   """
   # pylint: disable=g-import-not-at-top
   from reverse_sd import evaluate
@@ -180,13 +185,13 @@ def _xla_op_flops(spec: dict[str, Any], built: dict[str, Any],
   from reverse_sd import train
   from reverse_sd.models import reverse_model
   config = _config_for(dict(spec, attention='xla', conv_grad='matmul',
-                            layer_norm='xla', micro_batch=0))
+                            layer_norm='xla', grad_norm='xla', micro_batch=0))
   model = reverse_model.create_model(config.model)
   _, schedule = optim.create_optimizer(
       config.optim, total_steps=1000,
       extra_groups=reverse_model.frozen_param_groups(config.model))
   step = train.make_train_step(model, config.loss, schedule, built['mesh'],
-                               built['shardings'])
+                               built['shardings'], grad_norm='xla')
   predict = evaluate.make_predict_step(model, built['mesh'],
                                        built['shardings'].params,
                                        micro_batch=0)
@@ -230,7 +235,8 @@ def build_jax(spec: dict[str, Any], devices=None) -> dict[str, Any]:
     image_shape = (side, side, 3)
   state, shardings = state_lib.create_train_state(
       model, tx, image_shape, jax.random.key(spec['seed']), mesh)
-  step = train.make_train_step(model, config.loss, schedule, mesh, shardings)
+  step = train.make_train_step(model, config.loss, schedule, mesh, shardings,
+                               grad_norm=config.optim.grad_norm)
   rng = np.random.default_rng(spec['seed'])
   inputs, targets = _model_inputs(spec, rng, spec['train_batch'])
   batch = sharding.host_to_global(dict(inputs, embedding=targets), mesh)
@@ -277,10 +283,12 @@ def measure_jax(spec: dict[str, Any], devices=None) -> dict[str, Any]:
     holder['state'], holder['metrics'] = compiled(holder['state'], batch)
     jax.block_until_ready((holder['state'], holder['metrics']))
 
+  counters = {}
   warmup_times, times = common.time_steps(train_once, warmup=spec['warmup'],
-                                          steps=spec['steps'])
+                                          steps=spec['steps'],
+                                          counters=counters)
   result['train'] = dict(
-      common.summarize(times), batch=spec['train_batch'],
+      common.summarize(times), **counters, batch=spec['train_batch'],
       lower_s=lower_s, compile_s=compile_s, warmup_times_s=warmup_times,
       final_loss=float(holder['metrics'].compute()['loss']))
   result['peak_rss_mb_after_train'] = common.peak_rss_mb()
@@ -291,11 +299,13 @@ def measure_jax(spec: dict[str, Any], devices=None) -> dict[str, Any]:
   start = time.perf_counter()
   compiled_predict = predict.lower(params, infer_batch).compile()
   infer_compile_s = time.perf_counter() - start
+  counters = {}
   warmup_times, times = common.time_steps(
       lambda: jax.block_until_ready(compiled_predict(params, infer_batch)),
-      warmup=spec['infer_warmup'], steps=spec['infer_steps'])
+      warmup=spec['infer_warmup'], steps=spec['infer_steps'],
+      counters=counters)
   result['infer'] = dict(
-      common.summarize(times), batch=spec['infer_batch'],
+      common.summarize(times), **counters, batch=spec['infer_batch'],
       compile_s=infer_compile_s, warmup_times_s=warmup_times)
   result['peak_rss_mb'] = common.peak_rss_mb()
   # After the peak memory: the FLOP counts compile two more steps.
@@ -432,6 +442,9 @@ def summarize_case(runs: dict[str, list[dict]], peak_flops: float | None
         'round_spread': (_spread(train_rates)),
         'compile_s': _median([_compile_s(r) for r in ok]),
         'peak_rss_mb': _median([r.get('peak_rss_mb') for r in ok]),
+        'train_minor_faults_per_step': _median(
+            [r['train'].get('minor_faults_per_step') for r in ok
+             if isinstance(r.get('train'), dict)]),
         'errors': [r['error'] for r in framework_runs if 'error' in r] + [
             r[p]['error'] for r in ok for p in ('train', 'infer')
             if isinstance(r.get(p), dict) and 'error' in r[p]],
@@ -485,7 +498,8 @@ def ratios(summary: dict[str, dict[str, Any]]) -> dict[str, float | None]:
 def format_report(cases: dict[str, dict[str, Any]]) -> str:
   """The table of every case and framework, then the JAX/torch ratios."""
   headers = ['case', 'framework', 'train img/s', 'per dev', 'spread',
-             'infer img/s', 'compile s', 'peak MB', 'GFLOP/img',
+             'infer img/s', 'compile s', 'peak MB', 'faults/step',
+             'GFLOP/img',
              'train GFLOP/s', 'train MFU', 'infer MFU']
   rows, lines = [], []
   for name, case in cases.items():
@@ -498,6 +512,7 @@ def format_report(cases: dict[str, dict[str, Any]]) -> str:
           (f'{100 * s["round_spread"]:.0f}%' if s['round_spread'] is not None
            else None),
           s['infer_images_per_s'], s['compile_s'], s['peak_rss_mb'],
+          s['train_minor_faults_per_step'],
           (s['flops_per_image_train'] / 1e9 if s['flops_per_image_train']
            else None),
           (s['train_flops_per_s'] / 1e9 if s.get('train_flops_per_s')
@@ -545,6 +560,11 @@ def _parse_args(argv=None):
                       choices=('auto', 'xla', 'cpu_kernel'),
                       help="JAX ViT LayerNorms (config.model.layer_norm); "
                       "'xla' shows the speed before models/layer_norm.py")
+  parser.add_argument('--grad_norm', default='auto',
+                      choices=('auto', 'xla', 'cpu_kernel'),
+                      help="JAX gradients' global norm (config.optim."
+                      "grad_norm); 'xla' shows the speed before "
+                      'models/cpu_sum_squares.cc')
   parser.add_argument('--micro_batch', type=int, default=-1,
                       help='JAX predict step: examples per device per '
                       'forward pass (config.eval.micro_batch; -1 auto, 0 '
@@ -614,6 +634,10 @@ def main(argv=None) -> None:
              'git': common.git_revision(), 'machine': common.machine(),
              'busy_cores_at_start': busy_cores,
              'argv': [sys.executable] + sys.argv, 'settings': vars(args),
+             # glibc's allocator settings in every worker (common.worker_env).
+             'worker_malloc_env': {
+                 name: value for name, value in common.worker_env().items()
+                 if name.startswith('MALLOC_')},
              'cases': {}}
   payload['matmul_peak'] = {'start': _matmul_peak(args, 'start')}
   for case in common.parse_cases(args.cases, args.quick):

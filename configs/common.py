@@ -123,6 +123,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.optim.b1 = 0.9
   config.optim.b2 = 0.999
   config.optim.grad_clip_norm = 1.0
+  # The gradients' global norm (clipping and the grad_norm metric; optim.py):
+  # 'auto' (a fused C++ kernel on CPU in a one-device process, optax's
+  # reduction elsewhere), 'xla', 'cpu_kernel'. The same up to rounding.
+  config.optim.grad_norm = 'auto'
   config.optim.warmup_fraction = 0.03
   # (regex over the '/'-joined parameter path, lr multiplier) pairs; first
   # match wins, 0 freezes. E.g. (('^backbone/', 0.1),) trains the image tower

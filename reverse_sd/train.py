@@ -37,13 +37,15 @@ from reverse_sd.text import vocab as vocab_lib
 def make_train_step(model, loss_config: ml_collections.ConfigDict,
                     schedule: optax.Schedule, mesh, state_shardings, *,
                     vocab_loss_weight: float = 0.0,
-                    noise_seed: int = 0) -> Callable:
+                    noise_seed: int = 0, grad_norm: str = 'auto') -> Callable:
   """One jitted, state-donating step: (state, batch) -> (state, metrics).
 
   The loss is cosine + Huber on the embedding, plus `vocab_loss_weight` x the
   vocabulary head's BCE when the batch carries `labels`. A model that draws
   noise (the white-box backbone with `sd_noise` > 0) gets a 'noise' rng from
-  `noise_seed` and the step number.
+  `noise_seed` and the step number. The `grad_norm` metric is
+  `optim.global_norm(grads, grad_norm)` (config.optim.grad_norm), the norm
+  that clipping computes, so XLA computes it once.
   """
 
   def train_step(state, batch):
@@ -67,7 +69,7 @@ def make_train_step(model, loss_config: ml_collections.ConfigDict,
         state.params)
     metrics = metrics_lib.TrainMetrics.single_from_model_output(
         **terms, learning_rate=schedule(state.step),
-        grad_norm=optax.global_norm(grads))
+        grad_norm=optim.global_norm(grads, grad_norm))
     return state.apply_gradients(grads=grads), metrics
 
   return jax.jit(train_step,
@@ -207,7 +209,8 @@ def _setup(config, workdir: pathlib.Path, splits) -> _Run:
       train_step=make_train_step(
           model, config.loss, schedule, mesh, state_shardings,
           vocab_loss_weight=config.vocab.loss_weight,
-          noise_seed=config.seed),
+          noise_seed=config.seed,
+          grad_norm=config.optim.get('grad_norm', 'auto')),
       predict_step=evaluate.make_predict_step(
           model, mesh, state_shardings.params,
           micro_batch=config.eval.get('micro_batch', -1)),

@@ -50,6 +50,10 @@ def test_single_device_process_uses_the_kernels():
           lambda p: model.apply(p, images).sum()))(params))
       assert 'rsd_attention_backward' in text, text[:500]
       assert 'rsd_layer_norm_backward' in text, text[:500]
+      from reverse_sd import optim
+      grads = {'a': jnp.ones((3, 5)), 'b': jnp.ones((7,))}
+      text = str(jax.make_jaxpr(optim.global_norm)(grads))
+      assert 'rsd_sum_squares' in text, text[:500]
       print('ok')
   ''')
   env = dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu',

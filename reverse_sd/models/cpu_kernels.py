@@ -1,16 +1,17 @@
 """Builds, loads and registers the project's XLA:CPU FFI kernels.
 
 The kernels are C++ next to this file (`cpu_attention.cc`: fused attention
-and its gradient; `cpu_conv.cc`: convolution gradients; `cpu_layer_norm.cc`:
-LayerNorm and its gradient; shared pieces in `cpu_kernels.h`). They are
+and its gradient; `cpu_conv.cc`: convolution gradients;
+`cpu_layer_norm.cc`: LayerNorm and its gradient; `cpu_sum_squares.cc`: the
+gradient's global norm; shared pieces in `cpu_kernels.h`). They are
 compiled on first use with the system's C++ compiler (`$CXX`, else `g++` or
 `c++` on PATH) against jaxlib's FFI headers, one source per process in
 parallel, into one shared library cached under `$REVERSE_SD_KERNEL_CACHE`
-(default `~/.cache/reverse_sd/kernels`) and keyed by the sources, the flags,
-the compiler and jaxlib's version, so an edit or an upgrade rebuilds it. The
-build links in a temporary directory and renames the library into place, so
-concurrent processes (test workers, hosts sharing a home directory) never
-load a half-written one.
+(default `~/.cache/reverse_sd/kernels`) and keyed by the sources, the
+flags, the compiler and jaxlib's version, so an edit or an upgrade rebuilds
+it. The build links in a temporary directory and renames the library into
+place, so concurrent processes (test workers, hosts sharing a home
+directory) never load a half-written one.
 
 On x86-64 the library is compiled for AVX2 and FMA (every x86 server CPU of
 the last ten years), and a CPU without them gets XLA's own ops instead.
@@ -35,7 +36,7 @@ import jaxlib
 CACHE_ENV = 'REVERSE_SD_KERNEL_CACHE'
 _HERE = pathlib.Path(__file__).parent
 SOURCES = (_HERE / 'cpu_attention.cc', _HERE / 'cpu_conv.cc',
-           _HERE / 'cpu_layer_norm.cc')
+           _HERE / 'cpu_layer_norm.cc', _HERE / 'cpu_sum_squares.cc')
 HEADERS = (_HERE / 'cpu_kernels.h',)
 
 # FFI target name -> (exported handler symbol, batch partitionable). A batch
@@ -49,6 +50,7 @@ TARGETS = {
     'rsd_conv_input_grad': ('RsdConvInputGrad', True),
     'rsd_layer_norm_forward': ('RsdLayerNormForward', False),
     'rsd_layer_norm_backward': ('RsdLayerNormBackward', False),
+    'rsd_sum_squares': ('RsdSumSquares', False),
 }
 
 

@@ -1,0 +1,65 @@
+"""glibc keeps freed blocks mapped (reverse_sd/host_memory.py)."""
+
+import os
+import platform
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from reverse_sd import host_memory
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GLIBC = platform.system() == 'Linux' and platform.libc_ver()[0] == 'glibc'
+
+
+def test_skip_reasons():
+  assert host_memory.skip_reason({}) is None or not GLIBC
+  assert 'REVERSE_SD_MALLOC_DEFAULTS=0' in host_memory.skip_reason(
+      {'REVERSE_SD_MALLOC_DEFAULTS': '0'})
+  assert 'MALLOC_TRIM_THRESHOLD_ is set' in host_memory.skip_reason(
+      {'MALLOC_TRIM_THRESHOLD_': '0'})
+  assert 'glibc.malloc.mmap_threshold' in host_memory.skip_reason(
+      {'GLIBC_TUNABLES': 'glibc.malloc.mmap_threshold=65536'})
+  with pytest.warns(UserWarning, match='REVERSE_SD_MALLOC_DEFAULTS'):
+    host_memory.skip_reason({'REVERSE_SD_MALLOC_DEFAULTS': 'maybe'})
+
+
+def test_subprocess_env():
+  assert host_memory.subprocess_env({'REVERSE_SD_MALLOC_DEFAULTS': '0'}) == {}
+  if GLIBC:
+    assert host_memory.subprocess_env({}) == {
+        name: str(host_memory.THRESHOLD) for name in host_memory.GLIBC_ENV}
+
+
+@pytest.mark.skipif(not GLIBC, reason='glibc only')
+def test_freed_blocks_are_reused_not_faulted_in_again():
+  # A 64 MB block allocated, written and freed 10 times: with glibc's
+  # defaults each allocation is a fresh mmap whose 16K pages fault in again.
+  code = textwrap.dedent('''
+      import ctypes, resource
+      import reverse_sd
+      libc = ctypes.CDLL(None)
+      libc.malloc.restype = ctypes.c_void_p
+      libc.free.argtypes = (ctypes.c_void_p,)
+      def touch_and_free(size=64 << 20):
+        block = libc.malloc(size)
+        ctypes.memset(block, 1, size)
+        libc.free(block)
+      touch_and_free()  # Grows the heap once.
+      before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+      for _ in range(10):
+        touch_and_free()
+      print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+  ''')
+
+  def faults(**env):
+    result = subprocess.run(
+        [sys.executable, '-c', code], cwd=REPO, capture_output=True,
+        text=True, timeout=120, check=True,
+        env=dict(os.environ, PYTHONPATH=REPO, **env))
+    return int(result.stdout.split()[-1])
+
+  assert faults() < 2000
+  assert faults(REVERSE_SD_MALLOC_DEFAULTS='0') > 10 * 15000
