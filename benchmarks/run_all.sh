@@ -2,11 +2,12 @@
 # Every CPU benchmark, one after another, for an otherwise idle machine:
 # train_step (JAX vs PyTorch; then the white-box SD 2.1 U-Net encoder, JAX
 # only; then the ConvNet with XLA's own convolution gradients, JAX only; then
-# both cases with the opt-in oneDNN flags, JAX only), kernels (the steps'
+# both cases with the opt-in oneDNN flags, JAX only; then the ConvNet with
+# glibc's allocator defaults in every worker), kernels (the steps'
 # kernels alone, JAX against PyTorch, 1 and 2 threads; then JAX with XLA's
 # own YNNPACK choice), ab_step (the Dense, micro-batch and YNNPACK
-# changes, XLA's convolution gradients, attention, LayerNorm and bias
-# gradients, each A/B in one process),
+# changes, XLA's convolution gradients, attention, LayerNorm, bias
+# gradients and the gradient norm, each A/B in one process),
 # profile_step (where the JAX step's time goes), input_pipeline, scaling
 # (8 fake devices vs 1) and dakl_scaling. Results go to
 # benchmarks/results/*.json, the console output also to
@@ -75,6 +76,10 @@ run conv_grad_xla "${python}" benchmarks/train_step.py --cases=convnet_small \
 run onednn env REVERSE_SD_XLA_CPU_ONEDNN=1 "${python}" \
   benchmarks/train_step.py --frameworks=jax --rounds=1 "${onednn[@]}" \
   "${quick[@]+"${quick[@]}"}"
+run malloc_glibc env REVERSE_SD_MALLOC_DEFAULTS=0 "${python}" \
+  benchmarks/train_step.py --cases=convnet_small \
+  --output=benchmarks/results/train_step_malloc_glibc${quick:+_quick}.json \
+  "${quick[@]+"${quick[@]}"}"
 run kernels "${python}" benchmarks/kernels.py "${quick[@]+"${quick[@]}"}"
 run kernels_xla_ynn env REVERSE_SD_XLA_CPU_DEFAULTS=0 "${python}" \
   benchmarks/kernels.py --frameworks=jax "${kernels_ynn[@]}" \
@@ -102,6 +107,8 @@ run ab_layer_norm "${python}" benchmarks/ab_step.py --change=layer_norm \
   --cases=vit_b16 "${quick[@]+"${quick[@]}"}"
 run ab_bias_grad "${python}" benchmarks/ab_step.py --change=bias_grad \
   --cases=vit_b16 "${quick[@]+"${quick[@]}"}"
+run ab_grad_norm "${python}" benchmarks/ab_step.py --change=grad_norm \
+  --cases=convnet_small --rounds=20 "${quick[@]+"${quick[@]}"}"
 run profile_step "${python}" benchmarks/profile_step.py "${quick[@]+"${quick[@]}"}"
 run input_pipeline "${python}" benchmarks/input_pipeline.py "${quick[@]+"${quick[@]}"}"
 run scaling "${python}" benchmarks/scaling.py "${quick[@]+"${quick[@]}"}"

@@ -7,7 +7,11 @@ r"""Train-step and inference throughput: reverse_sd (JAX) against PyTorch.
 
 Each measurement runs in its own subprocess, interleaved A B C A B C per
 model case (JAX, PyTorch eager, PyTorch torch.compile; `--rounds` times), all
-pinned to the same cores with the same thread count. A worker builds the
+pinned to the same cores with the same thread count and the same glibc
+allocator settings (`reverse_sd/host_memory.py`: freed blocks stay mapped;
+`REVERSE_SD_MALLOC_DEFAULTS=0` gives every worker glibc's defaults, JAX
+included). The `faults/step` column is a worker's page faults per timed
+train step (memory the kernel mapped in and zeroed). A worker builds the
 model, warms up, then times `--steps` steps one by one (each blocks until
 done) and reports the median; the table shows, per framework, the median
 over rounds.

@@ -1,23 +1,28 @@
 """glibc malloc settings that keep freed host memory for the next step.
 
 XLA:CPU allocates a step's buffers (its temporaries as blocks of tens of
-MB) with the C allocator and frees them when the step ends. glibc serves a
-block above its mmap threshold (128 KB, adapting up to 32 MB) with a fresh
-`mmap` and hands it back with `munmap`, so every step faults its memory in
-again and the kernel zeroes it: on the default ConvNet's train step on the
-2-core machine of `benchmarks/RESULTS.md`, 12,500 page faults (50 MB) and
-about 45 ms of system time per step of 140 ms (`benchmarks/train_step.py`
-records the faults per step).
+MB to GB) with the C allocator and frees them when the step ends. glibc
+serves a block above its mmap threshold (128 KB, adapting up to 32 MB), and
+any block over 64 MB asked for by a thread other than the main one, with a
+fresh `mmap` and hands it back with `munmap`, so every step faults its
+memory in again and the kernel zeroes it. On the 2-core machine of
+`benchmarks/RESULTS.md`: 12,500 page faults (50 MB) and about 45 ms of
+system time per 140 ms step of the default ConvNet, and 291,000 faults
+(1.1 GB, XLA's temporaries) and about 1 s of system time per 7.4 s step of
+CLIP ViT-B/16 (`benchmarks/train_step.py` records the faults per step).
 
-`apply_defaults()` (run when `reverse_sd` is imported) raises glibc's mmap
-and trim thresholds to their maximum (2 GiB - 1), so freed blocks stay in
-the heap and the next step reuses them: the process keeps its peak heap
-instead of returning it between steps. It changes nothing when
+`apply_defaults()` (run when `reverse_sd` is imported) sets
+  * the mmap and trim thresholds to their maximum (2 GiB - 1), so freed
+    blocks stay in the heap and the next step reuses them, and
+  * one malloc arena (the main one, which can grow past 64 MB) for every
+    thread; small blocks still come from each thread's own cache.
+The process then keeps its peak heap instead of returning it between
+steps. It changes nothing when
 
   * `REVERSE_SD_MALLOC_DEFAULTS=0`,
-  * the user set either threshold (`MALLOC_MMAP_THRESHOLD_`,
-    `MALLOC_TRIM_THRESHOLD_`, or `glibc.malloc.mmap_threshold` /
-    `glibc.malloc.trim_threshold` in `GLIBC_TUNABLES`): theirs win,
+  * the user set any of these (`MALLOC_MMAP_THRESHOLD_`,
+    `MALLOC_TRIM_THRESHOLD_`, `MALLOC_ARENA_MAX`, or `glibc.malloc.*` in
+    `GLIBC_TUNABLES`): theirs win,
   * the C library is not glibc (macOS, musl) or has no `mallopt`.
 
 Only the host allocator changes; accelerator memory is XLA's own.
@@ -30,14 +35,14 @@ import platform
 import warnings
 
 DEFAULTS_ENV = 'REVERSE_SD_MALLOC_DEFAULTS'
-# mallopt(3) parameters.
-M_TRIM_THRESHOLD = -1
-M_MMAP_THRESHOLD = -3
 # The largest value mallopt's int argument takes.
 THRESHOLD = 2**31 - 1
-# The environment variables that set the thresholds at process start.
-GLIBC_ENV = ('MALLOC_MMAP_THRESHOLD_', 'MALLOC_TRIM_THRESHOLD_')
-_USER_TUNABLES = ('glibc.malloc.mmap_threshold', 'glibc.malloc.trim_threshold')
+# (mallopt(3) parameter, value, the environment variable that sets it at
+# process start).
+SETTINGS = ((-3, THRESHOLD, 'MALLOC_MMAP_THRESHOLD_'),  # M_MMAP_THRESHOLD
+            (-1, THRESHOLD, 'MALLOC_TRIM_THRESHOLD_'),  # M_TRIM_THRESHOLD
+            (-8, 1, 'MALLOC_ARENA_MAX'))  # M_ARENA_MAX
+GLIBC_ENV = tuple(name for _, _, name in SETTINGS)
 _ON = ('1', 'true', 'yes')
 _OFF = ('0', 'false', 'no', '')
 
@@ -54,20 +59,18 @@ def skip_reason(environ: MutableMapping[str, str]) -> str | None:
   for name in GLIBC_ENV:
     if name in environ:
       return f'{name} is set'
-  tunables = environ.get('GLIBC_TUNABLES', '')
-  for name in _USER_TUNABLES:
-    if name in tunables:
-      return f'GLIBC_TUNABLES sets {name}'
+  if 'glibc.malloc.' in environ.get('GLIBC_TUNABLES', ''):
+    return 'GLIBC_TUNABLES sets glibc.malloc.*'
   if platform.system() != 'Linux' or platform.libc_ver()[0] != 'glibc':
     return 'the C library is not glibc'
   return None
 
 
 def apply_defaults(environ: MutableMapping[str, str] | None = None) -> bool:
-  """Raises glibc's mmap and trim thresholds (see the module docstring).
+  """Applies `SETTINGS` to glibc's malloc (see the module docstring).
 
   Returns:
-    Whether both thresholds were set.
+    Whether every setting was applied.
   """
   environ = os.environ if environ is None else environ
   if skip_reason(environ):
@@ -79,8 +82,7 @@ def apply_defaults(environ: MutableMapping[str, str] | None = None) -> bool:
   mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
   mallopt.restype = ctypes.c_int
   # mallopt returns 1 on success, 0 on error.
-  return bool(mallopt(M_MMAP_THRESHOLD, THRESHOLD) and
-              mallopt(M_TRIM_THRESHOLD, THRESHOLD))
+  return all([mallopt(param, value) == 1 for param, value, _ in SETTINGS])
 
 
 def subprocess_env(environ: MutableMapping[str, str]) -> dict[str, str]:
@@ -89,4 +91,4 @@ def subprocess_env(environ: MutableMapping[str, str]) -> dict[str, str]:
   none."""
   if skip_reason(environ):
     return {}
-  return {name: str(THRESHOLD) for name in GLIBC_ENV}
+  return {name: str(value) for _, value, name in SETTINGS}
