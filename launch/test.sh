@@ -11,7 +11,7 @@ export JAX_PLATFORMS=cpu
 export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-2}"
 # Two pytest-xdist workers (one per core of the CI machine), each taking whole
 # test files (--dist=loadfile), so a file's module-scoped fixtures (the short
-# training runs) are built once, not once per worker: 557 tests in 20 min on
+# training runs) are built once, not once per worker: 569 tests in 20 min on
 # 2 cores (2026-11-30, from 23 min with per-test scheduling).
 # PYTEST_WORKERS=0 runs the tests in one process.
 exec .venv/bin/python -m pytest -q -n "${PYTEST_WORKERS:-2}" --dist=loadfile "$@"
