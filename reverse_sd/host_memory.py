@@ -6,10 +6,10 @@ serves a block above its mmap threshold (128 KB, adapting up to 32 MB), and
 any block over 64 MB asked for by a thread other than the main one, with a
 fresh `mmap` and hands it back with `munmap`, so every step faults its
 memory in again and the kernel zeroes it. On the 2-core machine of
-`benchmarks/RESULTS.md`: 12,500 page faults (50 MB) and about 45 ms of
-system time per 140 ms step of the default ConvNet, and 291,000 faults
-(1.1 GB, XLA's temporaries) and about 1 s of system time per 7.4 s step of
-CLIP ViT-B/16 (`benchmarks/train_step.py` records the faults per step).
+`benchmarks/RESULTS.md` (`benchmarks/train_step.py` records the faults and
+system time per step): 12,500 page faults (50 MB) and 41 ms of system time
+per 130 ms step of the default ConvNet, and 291,000 faults per step of CLIP
+ViT-B/16 (its 1.1 GB of XLA temporaries).
 
 `apply_defaults()` (run when `reverse_sd` is imported) sets
   * the mmap and trim thresholds to their maximum (2 GiB - 1), so freed

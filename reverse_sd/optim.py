@@ -12,8 +12,9 @@ The global norm of the gradients (clipping, and the `grad_norm` metric) is
 `global_norm`, computed as `config.optim.grad_norm` says:
   'auto'        on the CPU backend in a one-device process, with float32
                 gradients, one fused C++ pass over every gradient
-                (`models/cpu_sum_squares.cc`; XLA:CPU's tree of reduce-window
-                loops reads about 2 GB/s); `optax.tree.norm` elsewhere. On
+                (`models/cpu_sum_squares.cc`; XLA:CPU materialises the
+                squares, then runs a tree of reduce-window loops);
+                `optax.tree.norm` elsewhere. On
                 several devices the kernel would see gathered gradients, so
                 'auto' keeps XLA's reduction there.
   'xla'         always `optax.tree.norm`.

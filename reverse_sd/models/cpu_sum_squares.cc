@@ -1,10 +1,9 @@
 // The sum of squares of any number of float32 arrays, for XLA:CPU as one
 // typed FFI call: the gradient's global norm (optim.py) in one pass.
 //
-// Why: XLA:CPU computes a large reduction as a tree of reduce-window loops
-// and materialises the squares first; the global norm of the default
-// ConvNet's 3.8M gradients took about 10 ms of its step (2 GB/s), where a
-// read of 15 MB takes about 1 ms.
+// Why: XLA:CPU materialises the squares and then computes the large
+// reduction as a tree of reduce-window loops, several passes where one read
+// of the gradients is enough.
 //
 // The arrays are cut into chunks of kChunk floats; each chunk is summed with
 // four 8-float accumulators (float32, at most kChunk / 32 terms each) and its
