@@ -86,9 +86,10 @@ def global_norm(tree, impl: str = 'auto') -> jax.Array:
   if impl == 'cpu_kernel':
     raise ValueError(f"config.optim.grad_norm='cpu_kernel' cannot run: "
                      f'{reason}.')
-  if jax.default_backend() == 'cpu' and cpu_kernels.unavailable_reason():
+  unavailable = cpu_kernels.unavailable_reason()
+  if unavailable and jax.default_backend() == 'cpu':
     cpu_kernels.warn_unavailable('The fused gradient norm', 'optax.tree.norm',
-                                 cpu_kernels.unavailable_reason())
+                                 unavailable)
   return optax.tree.norm(tree)
 
 
