@@ -146,8 +146,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   # Evaluation: splits scored after training (and periodically).
   config.eval = ml_collections.ConfigDict()
   config.eval.batch_size = 256
-  # Examples per device per forward pass when predicting: -1 = auto (32 on
-  # CPU, where cache-sized chunks run faster; the whole batch on
+  # Examples per device per forward pass when predicting: -1 = auto (at
+  # most 256 on CPU, which bounds the pass's memory; the whole batch on
   # accelerators), 0 = the whole batch. Results do not depend on it.
   config.eval.micro_batch = -1
   config.eval.splits = ('validation', 'test', 'test_shifted')

@@ -150,3 +150,62 @@ def test_bad_values_are_named():
     conv.explicit_padding('FULL', (4, 4), (3, 3), (1, 1))
   with pytest.raises(ValueError, match='NHWC'):
     conv.Conv(3, (3, 3)).init(jax.random.key(0), jnp.zeros((4, 4, 3)))
+
+
+@pytest.mark.parametrize('activation', (None, 'relu'))
+@pytest.mark.parametrize('case', CASES,
+                         ids=lambda c: f'{c[1]}to{c[2]}k{c[3]}s{c[4]}{c[5]}')
+def test_fused_forward_equals_xla(case, activation):
+  # The FFI forward pass (convolution, bias and ReLU in one call) and its
+  # gradients against XLA's convolution, bias add and ReLU.
+  hw, c_in, c_out, kernel, strides, padding = case
+  x, k, dy_seed = _inputs(hw, c_in, c_out, kernel)
+  bias = jnp.asarray(np.random.default_rng(2).normal(size=(c_out,)),
+                     jnp.float32)
+  results = {}
+  for impl in ('xla', 'cpu_kernel'):
+    def fn(x, k, b, impl=impl):
+      return conv.conv_bias_act(x, k, b, strides, padding, activation, impl)
+    def loss(x, k, b, fn=fn):
+      y = fn(x, k, b)
+      return jnp.sum(y * jnp.resize(dy_seed, y.shape))
+    jaxpr = str(jax.make_jaxpr(fn)(x, k, bias))
+    assert ('rsd_conv_forward' in jaxpr) == (impl == 'cpu_kernel')
+    results[impl] = (jax.jit(fn)(x, k, bias),
+                     *jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(x, k, bias))
+  for name, a, b in zip(('output', 'dx', 'dkernel', 'dbias'),
+                        results['xla'], results['cpu_kernel']):
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=2e-5,
+                               err_msg=f'{name} differs from XLA')
+  if activation == 'relu':
+    assert float(jnp.min(results['cpu_kernel'][0])) == 0.0
+
+
+def test_fused_forward_without_bias_and_sharded():
+  rng = np.random.default_rng(3)
+  x = jnp.asarray(rng.normal(size=(8, 12, 12, 16)), jnp.float32)
+  k = jnp.asarray(rng.normal(size=(3, 3, 16, 48)), jnp.float32)
+  want = jax.nn.relu(conv.conv2d(x, k, (2, 2), 'SAME', 'xla'))
+  fn = lambda x, k: conv.conv_bias_act(x, k, None, (2, 2), 'SAME', 'relu',
+                                       'cpu_kernel')
+  np.testing.assert_allclose(jax.jit(fn)(x, k), want, rtol=1e-5, atol=1e-5)
+  mesh = sharding.make_mesh(('data',), (-1,))
+  got = jax.jit(fn, in_shardings=(sharding.batch_sharding(mesh),
+                                  sharding.replicated(mesh)))(
+                                      jax.device_put(
+                                          x, sharding.batch_sharding(mesh)), k)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_module_activation_matches_flax_conv_then_relu():
+  x, _, dy_seed = _inputs((9, 7), 3, 32, (3, 3))
+  theirs = nn.Conv(32, (3, 3), strides=2, padding='SAME')
+  params = theirs.init(jax.random.key(0), x)
+  want = jax.nn.relu(theirs.apply(params, x))
+  for impl in ('matmul', 'cpu_kernel'):
+    ours = conv.Conv(32, (3, 3), strides=2, padding='SAME', grad_impl=impl,
+                     activation='relu')
+    np.testing.assert_allclose(ours.apply(params, x), want, rtol=1e-5,
+                               atol=1e-5)
+  with pytest.raises(ValueError, match="activation 'gelu'"):
+    conv.Conv(4, (3, 3), activation='gelu').init(jax.random.key(0), x)

@@ -181,6 +181,95 @@ def _conv_kernel_bwd(strides, padding, residuals, dy):
 _conv_kernel_grad.defvjp(_conv_fwd, _conv_kernel_bwd)
 
 
+ACTIVATIONS = (None, 'relu')
+
+
+def _output_shape(x_shape, kernel_shape, strides, padding):
+  n, h, w, _ = x_shape
+  kh, kw, _, out_channels = kernel_shape
+  (pt, pb), (pl, pr) = padding
+  return (n, (h + pt + pb - kh) // strides[0] + 1,
+          (w + pl + pr - kw) // strides[1] + 1, out_channels)
+
+
+def _ffi_forward(x, kernel, bias, strides, padding, activation):
+  out = jax.ShapeDtypeStruct(
+      _output_shape(x.shape, kernel.shape, strides, padding), jnp.float32)
+  return jax.ffi.ffi_call('rsd_conv_forward', out, vmap_method='sequential')(
+      x, kernel, bias, **_ffi_attrs(strides, padding),
+      relu=np.int64(activation == 'relu'))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _conv_bias_act_kernel(x, kernel, bias, strides, padding, activation):
+  return _ffi_forward(x, kernel, bias, strides, padding, activation)
+
+
+def _conv_bias_act_fwd(x, kernel, bias, strides, padding, activation):
+  y = _ffi_forward(x, kernel, bias, strides, padding, activation)
+  # ReLU's output is its own gradient mask: y > 0 where the input was.
+  return y, (x, kernel, y if activation == 'relu' else None)
+
+
+def _conv_bias_act_bwd(strides, padding, activation, residuals, dy):
+  x, kernel, y = residuals
+  dz = jnp.where(y > 0, dy, 0.0) if activation == 'relu' else dy
+  rows = dz.reshape(-1, dz.shape[-1])
+  # The bias gradient as a vector-matrix product (models/dense.py).
+  dbias = lax.dot_general(jnp.ones((rows.shape[0],), rows.dtype), rows,
+                          (((0,), (0,)), ((), ())),
+                          preferred_element_type=jnp.float32)
+  dx, dkernel = _conv_kernel_bwd(strides, padding, (x, kernel), dz)
+  return dx, dkernel, dbias
+
+
+_conv_bias_act_kernel.defvjp(_conv_bias_act_fwd, _conv_bias_act_bwd)
+
+
+def conv_bias_act(x_BxHxWxC, kernel_HxWxIxO, bias_O=None,
+                  strides: Sequence[int] = (1, 1), padding: Padding = 'SAME',
+                  activation: str | None = None, grad_impl: str = 'auto'):
+  """activation(conv2d(x, kernel) + bias) in one pass where it can.
+
+  With the FFI kernels ('cpu_kernel', or 'auto' resolving to it) the
+  convolution, the bias and the ReLU are one call (`cpu_conv.cc`'s forward
+  pass: the output is written once) and the gradients are the kernels'
+  (the ReLU mask from the output); otherwise `conv2d`, `dense.add_bias`
+  and `jax.nn.relu` one after another. Same values up to summation order.
+
+  Args:
+    x_BxHxWxC: input.
+    kernel_HxWxIxO: kernel, same dtype as the input.
+    bias_O: [O] or None.
+    strides: (sh, sw).
+    padding: 'SAME', 'VALID' or ((top, bottom), (left, right)).
+    activation: None or 'relu'.
+    grad_impl: as for `conv2d`.
+
+  Returns:
+    [B, H', W', O].
+  """
+  if activation not in ACTIVATIONS:
+    raise ValueError(f'Conv activation {activation!r}: expected one of '
+                     f'{ACTIVATIONS}.')
+  strides = tuple(int(s) for s in strides)
+  pads = explicit_padding(padding, x_BxHxWxC.shape[1:3],
+                          kernel_HxWxIxO.shape[:2], strides)
+  impl = resolve_grad_impl(grad_impl, x_BxHxWxC, kernel_HxWxIxO)
+  patches = (tuple(kernel_HxWxIxO.shape[:2]) == strides and
+             all(p == (0, 0) for p in pads))
+  if impl == 'cpu_kernel' and not (grad_impl == 'auto' and patches):
+    if bias_O is None:
+      bias_O = jnp.zeros((kernel_HxWxIxO.shape[-1],), jnp.float32)
+    return _conv_bias_act_kernel(x_BxHxWxC, kernel_HxWxIxO,
+                                 bias_O.astype(jnp.float32), strides, pads,
+                                 activation)
+  y = conv2d(x_BxHxWxC, kernel_HxWxIxO, strides, pads, grad_impl)
+  if bias_O is not None:
+    y = dense.add_bias(y, bias_O)
+  return jax.nn.relu(y) if activation == 'relu' else y
+
+
 def _kernel_unavailable(x, kernel) -> str | None:
   if x.dtype != jnp.float32 or kernel.dtype != jnp.float32:
     return f'dtype {x.dtype} (the kernel is float32)'
@@ -258,6 +347,7 @@ class Conv(nn.Module):
   kernel_init: nn.initializers.Initializer = nn.initializers.lecun_normal()
   bias_init: nn.initializers.Initializer = nn.initializers.zeros_init()
   grad_impl: str = 'auto'
+  activation: str | None = None  # None or 'relu', fused where it can be.
 
   @nn.compact
   def __call__(self, x_BxHxWxC):
@@ -274,6 +364,6 @@ class Conv(nn.Module):
                        self.param_dtype) if self.use_bias else None)
     x, kernel, bias = nn.dtypes.promote_dtype(x_BxHxWxC, kernel, bias,
                                               dtype=self.dtype)
-    y = conv2d(x, kernel, strides, self.padding, self.grad_impl)
     # The bias gradient as a matrix-vector product on CPU (dense.add_bias).
-    return y if bias is None else dense.add_bias(y, bias)
+    return conv_bias_act(x, kernel, bias, strides, self.padding,
+                         self.activation, self.grad_impl)

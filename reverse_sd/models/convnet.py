@@ -38,9 +38,9 @@ class ConvNet(nn.Module):
   def __call__(self, images_BxHxWx3):
     x = images_BxHxWx3.astype(self.dtype)
     for i, channels in enumerate(self.config.channels):
-      x = nn.relu(conv.Conv(channels, (3, 3), strides=2, padding='SAME',
-                            dtype=self.dtype, grad_impl=self.conv_grad,
-                            name=f'conv{i}')(x))
+      x = conv.Conv(channels, (3, 3), strides=2, padding='SAME',
+                    dtype=self.dtype, grad_impl=self.conv_grad,
+                    activation='relu', name=f'conv{i}')(x)
     x = x.reshape(x.shape[0], -1)
     return nn.relu(dense.Dense(self.config.output_dim, dtype=self.dtype,
                             name='readout')(x))

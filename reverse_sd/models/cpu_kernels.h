@@ -1,7 +1,9 @@
 // Shared pieces of reverse_sd's XLA:CPU FFI kernels (cpu_attention.cc,
-// cpu_conv.cc): 8-float vectors (GCC vector extensions, so the compiler maps
-// them to AVX2/FMA or NEON), a register-blocked 6x16 matrix product and a
-// parallel loop on XLA's intra-op pool.
+// cpu_conv.cc, ...): float vectors of 8 lanes (V8) and of the widest width
+// the build has (VW: 16 lanes with AVX-512), as GCC vector extensions so the
+// compiler maps them to AVX2/FMA, AVX-512 or NEON; a register-blocked
+// matrix product (6 rows by two VW vectors); and a parallel loop on XLA's
+// intra-op pool.
 
 #ifndef REVERSE_SD_MODELS_CPU_KERNELS_H_
 #define REVERSE_SD_MODELS_CPU_KERNELS_H_
@@ -14,6 +16,10 @@
 #include <memory>
 #include <mutex>
 #include <utility>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 #include "xla/ffi/api/ffi.h"
 
@@ -32,35 +38,80 @@ inline V8 Load(const float* p) {
 inline void Store(float* p, V8 v) { std::memcpy(p, &v, sizeof(v)); }
 inline V8 Splat(float x) { return V8{x, x, x, x, x, x, x, x}; }
 
-// C[MR, 8*NV] (+)= A[MR, K] B[K, 8*NV]; A row-major (lda), or with kTransA
-// stored transposed, A^T [K, MR] (lda its row stride). kAcc adds to C.
-template <int MR, int NV, bool kTransA, bool kAcc>
+// The widest float vector the library is compiled for: 16 lanes with
+// AVX-512 (cpu_kernels.py builds with it where the CPU has it), else 8.
+#if defined(__AVX512F__)
+constexpr int kLanes = 16;
+#else
+constexpr int kLanes = 8;
+#endif
+typedef float VW __attribute__((vector_size(kLanes * sizeof(float))));
+
+inline VW LoadW(const float* p) {
+  VW v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+inline void StoreW(float* p, VW v) { std::memcpy(p, &v, sizeof(v)); }
+#if defined(__AVX512F__)
+inline VW SplatW(float x) { return (VW)_mm512_set1_ps(x); }
+#else
+inline VW SplatW(float x) { return VW{x, x, x, x, x, x, x, x}; }
+#endif
+
+// Splat and load for either vector type (V8 or VW).
+template <typename V>
+inline V SplatAs(float x);
+template <>
+inline V8 SplatAs<V8>(float x) { return Splat(x); }
+#if defined(__AVX512F__)
+template <>
+inline VW SplatAs<VW>(float x) { return SplatW(x); }
+#endif
+template <typename V>
+inline V LoadAs(const float* p) {
+  V v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+template <typename V>
+inline void StoreAs(float* p, V v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+
+// C[MR, L*NV] (+)= A[MR, K] B[K, L*NV] with V a vector of L floats; A
+// row-major (lda), or with kTransA stored transposed, A^T [K, MR] (lda its
+// row stride). kAcc adds to C.
+template <typename V, int MR, int NV, bool kTransA, bool kAcc>
 inline void Micro(int64_t K, const float* A, int64_t lda, const float* B,
                   int64_t ldb, float* C, int64_t ldc) {
-  V8 acc[MR][NV];
+  constexpr int L = sizeof(V) / sizeof(float);
+  V acc[MR][NV];
   for (int r = 0; r < MR; ++r)
     for (int c = 0; c < NV; ++c)
-      acc[r][c] = kAcc ? Load(C + r * ldc + 8 * c) : Splat(0.0f);
+      acc[r][c] = kAcc ? LoadAs<V>(C + r * ldc + L * c) : SplatAs<V>(0.0f);
   for (int64_t k = 0; k < K; ++k) {
-    V8 b[NV];
-    for (int c = 0; c < NV; ++c) b[c] = Load(B + k * ldb + 8 * c);
+    V b[NV];
+    for (int c = 0; c < NV; ++c) b[c] = LoadAs<V>(B + k * ldb + L * c);
     for (int r = 0; r < MR; ++r) {
-      const V8 a = Splat(kTransA ? A[k * lda + r] : A[r * lda + k]);
+      const V a = SplatAs<V>(kTransA ? A[k * lda + r] : A[r * lda + k]);
       for (int c = 0; c < NV; ++c) acc[r][c] += a * b[c];
     }
   }
   for (int r = 0; r < MR; ++r)
-    for (int c = 0; c < NV; ++c) Store(C + r * ldc + 8 * c, acc[r][c]);
+    for (int c = 0; c < NV; ++c) StoreAs<V>(C + r * ldc + L * c, acc[r][c]);
 }
 
 template <int MR, bool kTransA, bool kAcc>
 void RowBlock(int64_t N, int64_t K, const float* A, int64_t lda,
               const float* B, int64_t ldb, float* C, int64_t ldc) {
   int64_t j = 0;
-  for (; j + 16 <= N; j += 16)
-    Micro<MR, 2, kTransA, kAcc>(K, A, lda, B + j, ldb, C + j, ldc);
+  for (; j + 2 * kLanes <= N; j += 2 * kLanes)
+    Micro<VW, MR, 2, kTransA, kAcc>(K, A, lda, B + j, ldb, C + j, ldc);
+  for (; j + kLanes <= N; j += kLanes)
+    Micro<VW, MR, 1, kTransA, kAcc>(K, A, lda, B + j, ldb, C + j, ldc);
   for (; j + 8 <= N; j += 8)
-    Micro<MR, 1, kTransA, kAcc>(K, A, lda, B + j, ldb, C + j, ldc);
+    Micro<V8, MR, 1, kTransA, kAcc>(K, A, lda, B + j, ldb, C + j, ldc);
   for (; j < N; ++j) {
     for (int r = 0; r < MR; ++r) {
       float s = 0.0f;

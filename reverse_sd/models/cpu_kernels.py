@@ -1,7 +1,8 @@
 """Builds, loads and registers the project's XLA:CPU FFI kernels.
 
 The kernels are C++ next to this file (`cpu_attention.cc`: fused attention
-and its gradient; `cpu_conv.cc`: convolution gradients;
+and its gradient; `cpu_conv.cc`: the convolution with its bias and ReLU, and its
+gradients;
 `cpu_layer_norm.cc`: LayerNorm and its gradient; `cpu_sum_squares.cc`: the
 gradient's global norm; shared pieces in `cpu_kernels.h`). They are
 compiled on first use with the system's C++ compiler (`$CXX`, else `g++` or
@@ -15,6 +16,12 @@ directory) never load a half-written one.
 
 On x86-64 the library is compiled for AVX2 and FMA (every x86 server CPU of
 the last ten years), and a CPU without them gets XLA's own ops instead.
+Where the CPU also has AVX-512 (F, VL, DQ, BW), it is compiled for that
+too, and the kernels written for the widest vector (`kLanes` in
+`cpu_kernels.h`: the convolution's forward pass) use 16 lanes;
+`REVERSE_SD_KERNEL_AVX512=0` keeps the AVX2 build. The flags are part of
+the cache key, so machines of different CPUs sharing a home directory each
+build their own.
 Nothing here runs on GPU/TPU: the callers check `unavailable_reason()` and
 keep XLA's ops (cuDNN, the TPU kernels) there.
 """
@@ -34,6 +41,9 @@ import jax
 import jaxlib
 
 CACHE_ENV = 'REVERSE_SD_KERNEL_CACHE'
+# 0: build the 8-lane (AVX2) kernels even on a CPU with AVX-512.
+AVX512_ENV = 'REVERSE_SD_KERNEL_AVX512'
+AVX512_FEATURES = ('avx512f', 'avx512vl', 'avx512dq', 'avx512bw')
 _HERE = pathlib.Path(__file__).parent
 SOURCES = (_HERE / 'cpu_attention.cc', _HERE / 'cpu_conv.cc',
            _HERE / 'cpu_layer_norm.cc', _HERE / 'cpu_sum_squares.cc')
@@ -48,6 +58,7 @@ TARGETS = {
     'rsd_attention_backward': ('RsdAttentionBackward', True),
     'rsd_conv_kernel_grad': ('RsdConvKernelGrad', False),
     'rsd_conv_input_grad': ('RsdConvInputGrad', True),
+    'rsd_conv_forward': ('RsdConvForward', True),
     'rsd_layer_norm_forward': ('RsdLayerNormForward', False),
     'rsd_layer_norm_backward': ('RsdLayerNormBackward', False),
     'rsd_sum_squares': ('RsdSumSquares', False),
@@ -59,6 +70,8 @@ def _compile_flags() -> list[str]:
            '-w']  # -w: jaxlib's headers warn.
   if _is_x86():
     flags += ['-mavx2', '-mfma']
+    if _use_avx512():
+      flags += [f'-m{f}' for f in AVX512_FEATURES]
   return flags
 
 
@@ -66,19 +79,35 @@ def _is_x86() -> bool:
   return platform.machine() in ('x86_64', 'AMD64')
 
 
+@functools.cache
+def _cpu_flags() -> frozenset[str] | None:
+  """The CPU's feature flags from /proc/cpuinfo, or None if unreadable."""
+  try:
+    text = pathlib.Path('/proc/cpuinfo').read_text()
+  except OSError:
+    return None
+  for line in text.splitlines():
+    if line.startswith('flags'):
+      return frozenset(line.split(':', 1)[1].split())
+  return frozenset()
+
+
+def _use_avx512() -> bool:
+  """Whether to build the 16-lane kernels: the CPU has AVX-512 (F, VL, DQ,
+  BW) and `$REVERSE_SD_KERNEL_AVX512` is not 0."""
+  if os.environ.get(AVX512_ENV, '1') == '0':
+    return False
+  flags = _cpu_flags()
+  return bool(flags) and all(f in flags for f in AVX512_FEATURES)
+
+
 def _cpu_unsupported() -> str | None:
   """Why this CPU cannot run the library as compiled, or None."""
   if not _is_x86():
     return None
-  try:
-    text = pathlib.Path('/proc/cpuinfo').read_text()
-  except OSError:
+  flags = _cpu_flags()
+  if flags is None:
     return 'cannot read /proc/cpuinfo to check for AVX2 and FMA'
-  flags = set()
-  for line in text.splitlines():
-    if line.startswith('flags'):
-      flags = set(line.split(':', 1)[1].split())
-      break
   missing = [f for f in ('avx2', 'fma') if f not in flags]
   return f'the CPU lacks {", ".join(missing)}' if missing else None
 
