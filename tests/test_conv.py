@@ -209,3 +209,15 @@ def test_module_activation_matches_flax_conv_then_relu():
                                atol=1e-5)
   with pytest.raises(ValueError, match="activation 'gelu'"):
     conv.Conv(4, (3, 3), activation='gelu').init(jax.random.key(0), x)
+
+
+def test_large_kernels_keep_xla_forward():
+  x = jnp.zeros((1, 4, 4, 320), jnp.float32)
+  k = jnp.zeros((3, 3, 320, 320), jnp.float32)  # 3.7 MB > the limit.
+  assert k.size * 4 > conv.FORWARD_KERNEL_MAX_BYTES
+  fn = lambda x, k: conv.conv_bias_act(x, k, None, (1, 1), 'SAME', 'relu',
+                                       'cpu_kernel')
+  text = str(jax.make_jaxpr(jax.grad(lambda x, k: fn(x, k).sum(),
+                                     argnums=1))(x, k))
+  assert 'rsd_conv_forward' not in text
+  assert 'rsd_conv_kernel_grad' in text
