@@ -26,6 +26,12 @@ second core at all. Kernels (`KERNELS`):
   (input and kernel gradients; JAX through `models/conv.py`, 'auto': in this
   one-device worker the FFI kernels of `cpu_conv.cc`); `conv1_grad_matmul`:
   the same with `models/conv.py`'s per-tap matrix products.
+- `conv0_relu`, `conv1_relu`, `conv3_relu`: the ConvNet's first, second and
+  last layers as the model runs them, convolution + bias + ReLU
+  (`conv.conv_bias_act`, 'auto': the one FFI call of `cpu_conv.cc`'s
+  forward pass) against `F.relu(F.conv2d(..., bias))`; `*_xla`: the same
+  with XLA's convolution, bias add and ReLU; `conv1_relu_grad`: forward +
+  backward (input, kernel and bias gradients).
 - `layer_norm`, `layer_norm_grad`: one ViT-B/16 LayerNorm ([8, 197, 768]),
   forward, and forward + backward (input, scale and bias gradients; JAX
   through `models/layer_norm.py`, 'auto': in this one-device worker the FFI
@@ -85,6 +91,20 @@ KERNELS: dict[str, dict[str, Any]] = {
     'conv1_grad': dict(kind='conv', b=64, size=32, c=32, o=64, grad=True),
     'conv1_grad_matmul': dict(kind='conv', b=64, size=32, c=32, o=64,
                               grad=True, impl='matmul'),
+    'conv0_relu': dict(kind='conv', b=64, size=64, c=3, o=32, grad=False,
+                       relu=True),
+    'conv0_relu_xla': dict(kind='conv', b=64, size=64, c=3, o=32,
+                           grad=False, relu=True, impl='xla'),
+    'conv1_relu': dict(kind='conv', b=64, size=32, c=32, o=64, grad=False,
+                       relu=True),
+    'conv1_relu_xla': dict(kind='conv', b=64, size=32, c=32, o=64,
+                           grad=False, relu=True, impl='xla'),
+    'conv1_relu_grad': dict(kind='conv', b=64, size=32, c=32, o=64,
+                            grad=True, relu=True),
+    'conv3_relu': dict(kind='conv', b=64, size=8, c=128, o=256, grad=False,
+                       relu=True),
+    'conv3_relu_xla': dict(kind='conv', b=64, size=8, c=128, o=256,
+                           grad=False, relu=True, impl='xla'),
     'layer_norm': dict(kind='layer_norm', shape=(8, 197, 768), grad=False),
     'layer_norm_grad': dict(kind='layer_norm', shape=(8, 197, 768),
                             grad=True),
@@ -113,6 +133,20 @@ QUICK_KERNELS: dict[str, dict[str, Any]] = {
     'conv1_grad': dict(kind='conv', b=2, size=8, c=4, o=8, grad=True),
     'conv1_grad_matmul': dict(kind='conv', b=2, size=8, c=4, o=8, grad=True,
                               impl='matmul'),
+    'conv0_relu': dict(kind='conv', b=2, size=8, c=3, o=8, grad=False,
+                       relu=True),
+    'conv0_relu_xla': dict(kind='conv', b=2, size=8, c=3, o=8, grad=False,
+                           relu=True, impl='xla'),
+    'conv1_relu': dict(kind='conv', b=2, size=8, c=4, o=8, grad=False,
+                       relu=True),
+    'conv1_relu_xla': dict(kind='conv', b=2, size=8, c=4, o=8, grad=False,
+                           relu=True, impl='xla'),
+    'conv1_relu_grad': dict(kind='conv', b=2, size=8, c=4, o=8, grad=True,
+                            relu=True),
+    'conv3_relu': dict(kind='conv', b=2, size=4, c=8, o=16, grad=False,
+                       relu=True),
+    'conv3_relu_xla': dict(kind='conv', b=2, size=4, c=8, o=16, grad=False,
+                           relu=True, impl='xla'),
     'layer_norm': dict(kind='layer_norm', shape=(2, 5, 24), grad=False),
     'layer_norm_grad': dict(kind='layer_norm', shape=(2, 5, 24), grad=True),
     'layer_norm_xla': dict(kind='layer_norm', shape=(2, 5, 24), grad=False,
@@ -167,7 +201,7 @@ def jax_kernels(kernels: dict[str, dict[str, Any]]):
       return out, vjp(args[-1])
     return fn, (*inputs, normal(*jax.eval_shape(forward, *inputs).shape))
 
-  keys = iter(jax.random.split(jax.random.key(0), 64))
+  keys = iter(jax.random.split(jax.random.key(0), 256))
   normal = lambda *shape: jax.random.normal(next(keys), shape, jnp.float32)
   calls = {}
   for name, spec in kernels.items():
@@ -189,6 +223,12 @@ def jax_kernels(kernels: dict[str, dict[str, Any]]):
                              impl=spec.get('impl', 'auto'))
       args = tuple(normal(spec['b'], spec['t'], spec['h'], spec['d'])
                    for _ in range(3))
+    elif kind == 'conv' and spec.get('relu'):
+      fn = functools.partial(conv.conv_bias_act, strides=(2, 2),
+                             padding='SAME', activation='relu',
+                             grad_impl=spec.get('impl', 'auto'))
+      args = (normal(spec['b'], spec['size'], spec['size'], spec['c']),
+              normal(3, 3, spec['c'], spec['o']), normal(spec['o']))
     elif kind == 'conv':
       fn = functools.partial(conv.conv2d, strides=(2, 2), padding='SAME',
                              grad_impl=spec.get('impl', 'auto'))
@@ -260,16 +300,23 @@ def torch_kernels(kernels: dict[str, dict[str, Any]], threads: int):
       weight = torch.randn(spec['o'], spec['c'], 3, 3,
                            requires_grad=spec['grad'])
       pad = (0, 1, 0, 1) if spec['size'] % 2 == 0 else (1, 1, 1, 1)
+      relu = spec.get('relu', False)
+      bias = (torch.randn(spec['o'], requires_grad=spec['grad'])
+              if relu else None)
+
+      def forward(x, w, b=bias, pad=pad, relu=relu):
+        y = F.conv2d(F.pad(x, pad), w, b, stride=2)
+        return F.relu(y) if relu else y
+
       if spec['grad']:
         out = math.ceil(spec['size'] / 2)
         dy = torch.randn(spec['b'], spec['o'], out, out)
+        wrt = (x, weight) + ((bias,) if relu else ())
 
-        def fn(x=x, weight=weight, dy=dy, pad=pad):
-          y = F.conv2d(F.pad(x, pad), weight, stride=2)
-          return torch.autograd.grad(y, (x, weight), dy)
+        def fn(x=x, weight=weight, dy=dy, wrt=wrt, forward=forward):
+          return torch.autograd.grad(forward(x, weight), wrt, dy)
       else:
-        fn = lambda x=x, w=weight, pad=pad: F.conv2d(F.pad(x, pad), w,
-                                                     stride=2)
+        fn = lambda x=x, w=weight, forward=forward: forward(x, w)
     elif kind == 'layer_norm':
       x = torch.randn(*spec['shape'], requires_grad=spec['grad'])
       width = spec['shape'][-1]

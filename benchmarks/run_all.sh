@@ -95,6 +95,7 @@ run ab_ynn_convnet env REVERSE_SD_XLA_CPU_DEFAULTS=0 "${python}" \
 run ab_dense "${python}" benchmarks/ab_step.py --change=dense \
   "${quick[@]+"${quick[@]}"}"
 run ab_micro_batch "${python}" benchmarks/ab_step.py --change=micro_batch \
+  --micro_batch=32 --output=benchmarks/results/ab_step_micro_batch${quick:+_quick}.json \
   --cases=convnet_small "${quick[@]+"${quick[@]}"}"
 run ab_conv_grad "${python}" benchmarks/ab_step.py --change=conv_grad \
   --cases=convnet_small --rounds=20 "${quick[@]+"${quick[@]}"}"
