@@ -1,7 +1,7 @@
 r"""A/B of one code change, both versions in one process, steps alternated.
 
   .venv/bin/python benchmarks/ab_step.py --change=dense       # ~4 min
-  .venv/bin/python benchmarks/ab_step.py --change=micro_batch --cases=convnet_small
+  .venv/bin/python benchmarks/ab_step.py --change=micro_batch --micro_batch=32 --cases=convnet_small
   .venv/bin/python benchmarks/ab_step.py --quick              # smoke
 
 On a machine whose speed drifts by 10-20% between runs (`RESULTS.md`), two
@@ -15,12 +15,14 @@ code stands and (B) with one change undone, then runs A, B, A, B, ... for
 - `bias_grad`: A = `models.dense.add_bias`'s gradient as a product with a
   vector of ones (the CPU default), B = XLA's column reduction.
 - `micro_batch`: A = the predict step with `--micro_batch` (default -1:
-  auto), B = the whole inference batch at once (`config.eval.micro_batch=0`).
-  Use it with `--cases=convnet_small`.
-- `conv_grad`: A = the convolution gradients of `--conv_grad` (default
-  auto: in a one-device process the FFI kernels of `models/cpu_conv.cc`),
-  B = XLA's own (`config.model.conv_grad='xla'`). Use it with
+  auto, at most 256 per device on CPU; run_all.sh passes 32), B = the whole
+  inference batch at once (`config.eval.micro_batch=0`). Use it with
   `--cases=convnet_small`.
+- `conv_grad`: A = the convolutions of `--conv_grad` (default auto: in a
+  one-device process the FFI kernels of `models/cpu_conv.cc`, the forward
+  pass with its bias and ReLU and both gradients), B = XLA's own
+  convolution, bias add, ReLU and gradients
+  (`config.model.conv_grad='xla'`). Use it with `--cases=convnet_small`.
 - `conv_grad_matmul`: the same with B = the per-tap matrix products
   (`config.model.conv_grad='matmul'`).
 - `attention`: A = the ViT's attention of `--attention` (default auto: the
