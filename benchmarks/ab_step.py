@@ -35,8 +35,11 @@ code stands and (B) with one change undone, then runs A, B, A, B, ... for
   auto: in a one-device process the fused CPU kernel,
   `models/cpu_sum_squares.cc`), B = `optax.tree.norm`
   (`config.optim.grad_norm='xla'`).
+- `ynn_dots`: A = the process's flags (the project default: on a CPU with
+  AVX-512, YNNPACK for single dots, `reverse_sd/xla_cpu.py`), B = compiled
+  without YNNPACK fusions.
 - `ynn`: A = compiled without YNNPACK fusions (the project's XLA:CPU
-  default, `reverse_sd/xla_cpu.py`), B = XLA's own choice. Run it with
+  default on CPUs without AVX-512), B = XLA's own choice. Run it with
   REVERSE_SD_XLA_CPU_DEFAULTS=0, so that the process keeps XLA's flags:
     REVERSE_SD_XLA_CPU_DEFAULTS=0 .venv/bin/python benchmarks/ab_step.py \
         --change=ynn --cases=convnet_small
@@ -80,6 +83,8 @@ CHANGES = {
     'grad_norm': ('grad_norm', 'xla'),
     # XLA compiler options A compiles with; B with the process's flags.
     'ynn': {'xla_cpu_experimental_ynn_fusion_type': ''},
+    # XLA compiler options B compiles with; A with the process's flags.
+    'ynn_dots': ('compile_b', {'xla_cpu_experimental_ynn_fusion_type': ''}),
 }
 YNN_NEEDS = (f'--change=ynn compares the project default (no YNNPACK '
              f'fusions) with XLA\'s own: run it with '
@@ -106,6 +111,9 @@ def run(args, devices=None) -> dict[str, Any]:
   if isinstance(change, dict):  # XLA compiler options, for A.
     variants = {'A': _build(case, args, devices, change),
                 'B': _build(case, args, devices)}
+  elif change[0] == 'compile_b':  # XLA compiler options, for B.
+    variants = {'A': _build(case, args, devices),
+                'B': _build(case, args, devices, change[1])}
   elif isinstance(change[0], str):  # A config flag, `change[1]` in B.
     flag, value_b = change
     variants = {'A': _build(case, args, devices),
@@ -139,7 +147,7 @@ def run(args, devices=None) -> dict[str, Any]:
       for key, phases in times.items()}
   result = dict(change=args.change, case=case, times_s=times,
                 summary=summary)
-  if args.change == 'ynn':
+  if args.change in ('ynn', 'ynn_dots'):
     result['uses_ynn'] = {key: 'ynn_fusion' in v['train'].as_text()
                           for key, v in variants.items()}
   return result

@@ -92,6 +92,14 @@ run ab_ynn_convnet env REVERSE_SD_XLA_CPU_DEFAULTS=0 "${python}" \
   benchmarks/ab_step.py --change=ynn --cases=convnet_small --rounds=20 \
   --output=benchmarks/results/ab_step_ynn_convnet_small${quick:+_quick}.json \
   "${quick[@]+"${quick[@]}"}"
+run ab_ynn_dots_convnet "${python}" benchmarks/ab_step.py --change=ynn_dots \
+  --cases=convnet_small --rounds=20 \
+  --output=benchmarks/results/ab_step_ynn_dots_convnet_small${quick:+_quick}.json \
+  "${quick[@]+"${quick[@]}"}"
+run ab_ynn_dots_vit "${python}" benchmarks/ab_step.py --change=ynn_dots \
+  --cases=vit_b16 \
+  --output=benchmarks/results/ab_step_ynn_dots_vit_b16${quick:+_quick}.json \
+  "${quick[@]+"${quick[@]}"}"
 run ab_dense "${python}" benchmarks/ab_step.py --change=dense \
   "${quick[@]+"${quick[@]}"}"
 run ab_micro_batch "${python}" benchmarks/ab_step.py --change=micro_batch \

@@ -1,14 +1,20 @@
-"""XLA:CPU settings: YNNPACK fusions off (default), oneDNN dots (opt-in).
+"""XLA:CPU settings: YNNPACK fusions off or for dots only (default),
+oneDNN dots (opt-in).
 
 jaxlib 0.10's XLA:CPU hands dots, convolutions and reductions to YNNPACK
-("ynn_fusion" ops) unless told otherwise. On the 2-core machine of
+("ynn_fusion" ops) unless told otherwise. On the 2-core AMD EPYC (AVX2) of
 `benchmarks/RESULTS.md` its convolutions ran the default ConvNet's
 inference at about 1200 img/s against about 2000 without them, and
 ViT-B/16's step was 8% (training) and 15% (inference) slower with them
 (`benchmarks/ab_step.py --change=ynn`). So importing `reverse_sd` turns
 them off (`DEFAULT_FLAGS`): XLA then uses its own (Eigen) kernels, which
-every jaxlib before YNNPACK used. `REVERSE_SD_XLA_CPU_DEFAULTS=0` keeps
-XLA's choice.
+every jaxlib before YNNPACK used. On a CPU with AVX-512, in a one-device
+process, it keeps YNNPACK for single dots only (`AVX512_FLAGS`): on the
+2-core Xeon of the 2026-11-30 08:25 run they ran the ConvNet's train step
+12% faster than Eigen's (its skinny read-out products) and ViT-B/16's
+within 4% either way (RESULTS.md, "YNNPACK dots"), while its full set
+still slowed ViT-B/16's inference by 8%. `REVERSE_SD_XLA_CPU_DEFAULTS=0`
+keeps XLA's choice.
 
 oneDNN's kernels for every dot (`ONEDNN_FLAGS`) are opt-in,
 `REVERSE_SD_XLA_CPU_ONEDNN=1`: they ran ViT-B/16 inference faster still,
@@ -42,6 +48,12 @@ FAKE_DEVICES_FLAG = 'xla_force_host_platform_device_count'
 DEFAULT_FLAGS = (
     ('xla_cpu_experimental_ynn_fusion_type', ''),
 )
+# (flag, value): YNNPACK for single dots only, the default instead of
+# DEFAULT_FLAGS in a one-device process on a CPU with AVX-512.
+AVX512_FLAGS = (
+    ('xla_cpu_experimental_ynn_fusion_type', 'individual_dot'),
+)
+AVX512_FEATURES = ('avx512f', 'avx512vl', 'avx512dq', 'avx512bw')
 # (flag, value): oneDNN thunks, used for every single dot (batched or not).
 ONEDNN_FLAGS = (
     ('xla_cpu_use_onednn', 'true'),
@@ -105,27 +117,48 @@ def _is_set(environ: MutableMapping[str, str], name: str,
   return value in _ON
 
 
+def cpu_has_avx512() -> bool:
+  """Whether /proc/cpuinfo lists AVX-512 F, VL, DQ and BW (False if it
+  cannot be read, as on non-Linux hosts)."""
+  try:
+    with open('/proc/cpuinfo', encoding='utf-8') as f:
+      for line in f:
+        if line.startswith('flags'):
+          flags = set(line.split(':', 1)[1].split())
+          return all(feature in flags for feature in AVX512_FEATURES)
+  except OSError:
+    pass
+  return False
+
+
 def flags_for(environ: MutableMapping[str, str],
-              version: tuple[int, int] | None = None
+              version: tuple[int, int] | None = None,
+              avx512: bool | None = None
               ) -> tuple[tuple[str, str], ...]:
-  """The (flag, value) pairs `environ` asks for (see the module doc)."""
+  """The (flag, value) pairs `environ` asks for (see the module doc);
+  `avx512` says whether the CPU has AVX-512 (default: read it)."""
   version = jaxlib_version() if version is None else version
   if version not in CHECKED_JAXLIB:
     return ()
-  flags = DEFAULT_FLAGS if _is_set(environ, DEFAULTS_ENV, '1') else ()
+  flags = ()
+  if _is_set(environ, DEFAULTS_ENV, '1'):
+    avx512 = cpu_has_avx512() if avx512 is None else avx512
+    flags = (AVX512_FLAGS if avx512 and cpu_device_count(environ) <= 1
+             else DEFAULT_FLAGS)
   if _is_set(environ, OPT_IN_ENV, '0') and cpu_device_count(environ) <= 1:
     flags += ONEDNN_FLAGS
   return flags
 
 
 def apply_defaults(environ: MutableMapping[str, str] | None = None,
-                   version: tuple[int, int] | None = None
-                   ) -> tuple[str, ...]:
+                   version: tuple[int, int] | None = None,
+                   avx512: bool | None = None) -> tuple[str, ...]:
   """Adds the flags of `flags_for` to `environ['XLA_FLAGS']`.
 
   Args:
     environ: the environment to change (default `os.environ`).
     version: jaxlib's (major, minor) (default: the installed one).
+    avx512: whether the CPU has AVX-512 (default: read /proc/cpuinfo).
 
   Returns:
     The names of the flags that apply (empty with an unchecked jaxlib, or
@@ -133,7 +166,7 @@ def apply_defaults(environ: MutableMapping[str, str] | None = None,
     are.
   """
   environ = os.environ if environ is None else environ
-  flags = flags_for(environ, version)
+  flags = flags_for(environ, version, avx512)
   if flags:
     environ['XLA_FLAGS'] = with_flags(environ.get('XLA_FLAGS', ''), flags)
   return tuple(name for name, _ in flags)

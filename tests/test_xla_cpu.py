@@ -26,23 +26,35 @@ OFF = {xla_cpu.DEFAULTS_ENV: '0'}
 
 def test_default_turns_ynnpack_off():
   env = {'XLA_FLAGS': '--a=1'}
-  assert xla_cpu.apply_defaults(env, version=(0, 10)) == (
+  assert xla_cpu.apply_defaults(env, version=(0, 10), avx512=False) == (
       'xla_cpu_experimental_ynn_fusion_type',)
   assert env['XLA_FLAGS'] == '--a=1 ' + NO_YNN
 
 
+def test_avx512_keeps_ynnpack_dots_on_one_device():
+  env = {'XLA_FLAGS': '--a=1'}
+  xla_cpu.apply_defaults(env, version=(0, 10), avx512=True)
+  assert env['XLA_FLAGS'] == (
+      '--a=1 --xla_cpu_experimental_ynn_fusion_type=individual_dot')
+  env = {'XLA_FLAGS': '--xla_force_host_platform_device_count=8'}
+  xla_cpu.apply_defaults(env, version=(0, 10), avx512=True)
+  assert NO_YNN in env['XLA_FLAGS'].split()
+  env = dict(OFF)
+  assert not xla_cpu.apply_defaults(env, version=(0, 10), avx512=True)
+
+
 def test_defaults_off_leaves_flags_alone():
   env = dict(OFF, XLA_FLAGS='--a=1')
-  assert not xla_cpu.apply_defaults(env, version=(0, 10))
+  assert not xla_cpu.apply_defaults(env, version=(0, 10), avx512=False)
   assert env['XLA_FLAGS'] == '--a=1'
 
 
 def test_onednn_flags_added_after_the_default():
   env = dict(ON)
-  xla_cpu.apply_defaults(env, version=(0, 10))
+  xla_cpu.apply_defaults(env, version=(0, 10), avx512=False)
   assert env['XLA_FLAGS'].split() == [NO_YNN] + ONEDNN
   env = dict(ON, **OFF)
-  xla_cpu.apply_defaults(env, version=(0, 10))
+  xla_cpu.apply_defaults(env, version=(0, 10), avx512=False)
   assert env['XLA_FLAGS'].split() == ONEDNN
 
 
@@ -50,7 +62,7 @@ def test_user_flags_win_and_are_kept():
   env = dict(ON, XLA_FLAGS='--xla_force_host_platform_device_count=1 '
                            '--xla_cpu_use_onednn=false '
                            '--xla_cpu_experimental_ynn_fusion_type=dot')
-  xla_cpu.apply_defaults(env, version=(0, 10))
+  xla_cpu.apply_defaults(env, version=(0, 10), avx512=False)
   flags = env['XLA_FLAGS'].split()
   assert flags == ['--xla_force_host_platform_device_count=1',
                    '--xla_cpu_use_onednn=false',
@@ -63,7 +75,7 @@ def test_user_flags_win_and_are_kept():
 def test_several_cpu_devices_get_no_onednn(env):
   # oneDNN calls crashed processes running several CPU devices at once;
   # the YNNPACK default applies (this test suite runs with it, 8 devices).
-  xla_cpu.apply_defaults(env, version=(0, 10))
+  xla_cpu.apply_defaults(env, version=(0, 10), avx512=False)
   assert 'onednn' not in env['XLA_FLAGS']
   assert NO_YNN in env['XLA_FLAGS'].split()
 
@@ -79,23 +91,23 @@ def test_this_test_process_runs_without_ynnpack_and_onednn():
 
 def test_applying_twice_adds_nothing():
   env = dict(ON)
-  xla_cpu.apply_defaults(env, version=(0, 10))
+  xla_cpu.apply_defaults(env, version=(0, 10), avx512=False)
   once = env['XLA_FLAGS']
-  xla_cpu.apply_defaults(env, version=(0, 10))
+  xla_cpu.apply_defaults(env, version=(0, 10), avx512=False)
   assert env['XLA_FLAGS'] == once
 
 
 @pytest.mark.parametrize('value', ['0', 'false', 'No', ''])
 def test_other_values_do_not_opt_in(value):
   env = dict(OFF, XLA_FLAGS='--a=1', **{xla_cpu.OPT_IN_ENV: value})
-  assert not xla_cpu.apply_defaults(env, version=(0, 10))
+  assert not xla_cpu.apply_defaults(env, version=(0, 10), avx512=False)
   assert env['XLA_FLAGS'] == '--a=1'
 
 
 def test_unknown_value_warns_and_keeps_the_default():
   env = {xla_cpu.DEFAULTS_ENV: 'O', xla_cpu.OPT_IN_ENV: 'on'}
   with pytest.warns(UserWarning) as record:
-    xla_cpu.apply_defaults(env, version=(0, 10))
+    xla_cpu.apply_defaults(env, version=(0, 10), avx512=False)
   messages = ' '.join(str(w.message) for w in record)
   assert xla_cpu.DEFAULTS_ENV in messages and xla_cpu.OPT_IN_ENV in messages
   assert env['XLA_FLAGS'] == NO_YNN  # Defaults on, oneDNN off.
@@ -104,8 +116,8 @@ def test_unknown_value_warns_and_keeps_the_default():
 def test_unchecked_jaxlib_gets_nothing():
   # XLA exits on flags it does not know, so other versions are left alone.
   env = dict(ON)
-  assert not xla_cpu.apply_defaults(env, version=(0, 9))
-  assert not xla_cpu.apply_defaults(env, version=(1, 0))
+  assert not xla_cpu.apply_defaults(env, version=(0, 9), avx512=False)
+  assert not xla_cpu.apply_defaults(env, version=(1, 0), avx512=False)
   assert 'XLA_FLAGS' not in env
 
 
@@ -129,7 +141,11 @@ def test_import_sets_flags_in_a_fresh_process():
   batched matmul in one of the suite's runs (the reason they are opt-in).
   """
   code = 'import os, reverse_sd\nprint(os.environ["XLA_FLAGS"])\n'
-  assert _fresh(code, **ON) == [NO_YNN] + ONEDNN
+  default = (dict(xla_cpu.AVX512_FLAGS) if xla_cpu.cpu_has_avx512()
+             else dict(xla_cpu.DEFAULT_FLAGS))
+  ynn = ('--xla_cpu_experimental_ynn_fusion_type=' +
+         default['xla_cpu_experimental_ynn_fusion_type'])
+  assert _fresh(code, **ON) == [ynn] + ONEDNN
 
 
 _COMPILED = ('import os, reverse_sd, jax, jax.numpy as jnp\n'
@@ -139,7 +155,20 @@ _COMPILED = ('import os, reverse_sd, jax, jax.numpy as jnp\n'
 
 
 def test_default_fresh_process_compiles_without_ynnpack_or_onednn():
-  assert _fresh(_COMPILED) == ['False', 'False']
+  # A one-device process: YNNPACK's dots only on an AVX-512 CPU.
+  assert _fresh(_COMPILED) == ['False', str(xla_cpu.cpu_has_avx512())]
+
+
+def test_fresh_process_on_avx512_keeps_only_ynnpack_dots():
+  if not xla_cpu.cpu_has_avx512():
+    pytest.skip('needs an AVX-512 CPU')
+  code = ('import reverse_sd, jax, jax.numpy as jnp\n'
+          'f = lambda x, w: jnp.tanh(x @ w).sum(axis=0)\n'
+          'hlo = jax.jit(f).lower(jnp.ones((64, 64)), '
+          'jnp.ones((64, 64))).compile().as_text()\n'
+          'print(hlo.count("ynn_fusion") > 0, "reduce" in hlo)\n')
+  # The product in a YNNPACK fusion; the reduction left to XLA.
+  assert _fresh(code) == ['True', 'True']
 
 
 def test_defaults_off_keeps_xla_choice():

@@ -14,9 +14,11 @@
 // returns the log-sum-exp of each logit row, lse [B, H, Q], which the backward
 // pass uses to recompute the probabilities instead of storing them.
 //
-// The matrix products use a 6x16 register-blocked kernel written with GCC
-// vector extensions (8 floats per vector), so the compiler maps them to
-// AVX2/FMA (x86-64-v3) or NEON. Built by reverse_sd/models/cpu_attention.py.
+// The matrix products use cpu_kernels.h's register-blocked kernel and the
+// exponentials a vector polynomial, written with GCC vector extensions of
+// the build's widest vector (16 floats with AVX-512, else 8), so the
+// compiler maps them to AVX-512, AVX2/FMA or NEON. Built by
+// reverse_sd/models/cpu_kernels.py.
 
 #include <algorithm>
 #include <cmath>
@@ -31,26 +33,31 @@ namespace {
 using namespace reverse_sd;  // NOLINT: the shared vector helpers.
 
 // exp(x) for x <= 0 to float32 accuracy (Cephes' expf polynomial): the
-// softmax argument is a logit minus its row's maximum.
-inline V8 Exp(V8 x) {
-  const V8 lo = Splat(-87.0f);
+// softmax argument is a logit minus its row's maximum. V is V8 or VW, VI
+// the int32 vector of as many lanes.
+template <typename V, typename VI>
+inline V ExpT(V x) {
+  const V lo = SplatAs<V>(-87.0f);
   x = x < lo ? lo : x;
-  V8 fx = x * Splat(1.44269504088896341f) + Splat(0.5f);
-  V8 t = __builtin_convertvector(__builtin_convertvector(fx, V8i), V8);
-  fx = t > fx ? t - Splat(1.0f) : t;  // floor
-  x = x - fx * Splat(0.693359375f) - fx * Splat(-2.12194440e-4f);
-  V8 y = Splat(1.9875691500e-4f);
-  y = y * x + Splat(1.3981999507e-3f);
-  y = y * x + Splat(8.3334519073e-3f);
-  y = y * x + Splat(4.1665795894e-2f);
-  y = y * x + Splat(1.6666665459e-1f);
-  y = y * x + Splat(5.0000001201e-1f);
-  y = y * (x * x) + x + Splat(1.0f);
-  V8i e = (__builtin_convertvector(fx, V8i) + 127) << 23;
-  V8 scale;
+  V fx = x * SplatAs<V>(1.44269504088896341f) + SplatAs<V>(0.5f);
+  V t = __builtin_convertvector(__builtin_convertvector(fx, VI), V);
+  fx = t > fx ? t - SplatAs<V>(1.0f) : t;  // floor
+  x = x - fx * SplatAs<V>(0.693359375f) - fx * SplatAs<V>(-2.12194440e-4f);
+  V y = SplatAs<V>(1.9875691500e-4f);
+  y = y * x + SplatAs<V>(1.3981999507e-3f);
+  y = y * x + SplatAs<V>(8.3334519073e-3f);
+  y = y * x + SplatAs<V>(4.1665795894e-2f);
+  y = y * x + SplatAs<V>(1.6666665459e-1f);
+  y = y * x + SplatAs<V>(5.0000001201e-1f);
+  y = y * (x * x) + x + SplatAs<V>(1.0f);
+  VI e = (__builtin_convertvector(fx, VI) + 127) << 23;
+  V scale;
   std::memcpy(&scale, &e, sizeof(scale));
   return y * scale;
 }
+
+typedef int32_t VWi __attribute__((vector_size(kLanes * sizeof(int32_t))));
+inline VW ExpW(VW x) { return ExpT<VW, VWi>(x); }
 
 int64_t RoundUp8(int64_t x) { return (x + 7) / 8 * 8; }
 
@@ -101,18 +108,25 @@ float* Scratch(std::vector<float>& buffer, size_t size) {
 void SoftmaxRows(float* S, int64_t rows, int64_t T, int64_t ld, float* lse) {
   for (int64_t i = 0; i < rows; ++i) {
     float* row = S + i * ld;
+    VW mw = SplatW(-INFINITY);
+    int64_t jm = 0;
+    for (; jm + kLanes <= T; jm += kLanes) {
+      const VW v = LoadW(row + jm);
+      mw = v > mw ? v : mw;
+    }
     float m = -INFINITY;
-    for (int64_t j = 0; j < T; ++j) m = std::max(m, row[j]);
-    const V8 mv = Splat(m);
-    V8 sv = Splat(0.0f);
+    for (int c = 0; c < kLanes; ++c) m = std::max(m, mw[c]);
+    for (; jm < T; ++jm) m = std::max(m, row[jm]);
+    const VW mv = SplatW(m);
+    VW sv = SplatW(0.0f);
     int64_t j = 0;
-    for (; j + 8 <= T; j += 8) {
-      const V8 p = Exp(Load(row + j) - mv);
-      Store(row + j, p);
+    for (; j + kLanes <= T; j += kLanes) {
+      const VW p = ExpW(LoadW(row + j) - mv);
+      StoreW(row + j, p);
       sv += p;
     }
     float sum = 0.0f;
-    for (int c = 0; c < 8; ++c) sum += sv[c];
+    for (int c = 0; c < kLanes; ++c) sum += sv[c];
     for (; j < T; ++j) {
       row[j] = std::exp(row[j] - m);
       sum += row[j];
@@ -221,26 +235,33 @@ ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
     Gemm<false, false>(Q, Tp, D, qs, D, kt, Tp, probs, Tp);
     for (int64_t i = 0; i < Q; ++i) {
       float* row = probs + i * Tp;
-      const V8 l = Splat(row_lse[i]);
+      const VW l = SplatW(row_lse[i]);
       int64_t j = 0;
-      for (; j + 8 <= T; j += 8) Store(row + j, Exp(Load(row + j) - l));
+      for (; j + kLanes <= T; j += kLanes)
+        StoreW(row + j, ExpW(LoadW(row + j) - l));
       for (; j < T; ++j) row[j] = std::exp(row[j] - row_lse[i]);
       for (; j < Tp; ++j) row[j] = 0.0f;
     }
     // dP = dout v^T; dS = P * (dP - rowsum(dout * out)).
     Gemm<false, false>(Q, Tp, D, dos, D, vt, Tp, dlog, Tp);
     for (int64_t i = 0; i < Q; ++i) {
+      const float* a = dos + i * D;
+      const float* o = os + i * D;
+      VW accw = SplatW(0.0f);
+      int64_t d = 0;
+      for (; d + kLanes <= D; d += kLanes) accw += LoadW(a + d) * LoadW(o + d);
       float acc = 0.0f;
-      for (int64_t d = 0; d < D; ++d) acc += dos[i * D + d] * os[i * D + d];
+      for (int c = 0; c < kLanes; ++c) acc += accw[c];
+      for (; d < D; ++d) acc += a[d] * o[d];
       delta[i] = acc;
     }
     for (int64_t i = 0; i < Q; ++i) {
       float* dr = dlog + i * Tp;
       const float* pr = probs + i * Tp;
-      const V8 di = Splat(delta[i]);
+      const VW di = SplatW(delta[i]);
       int64_t j = 0;
-      for (; j + 8 <= Tp; j += 8)
-        Store(dr + j, Load(pr + j) * (Load(dr + j) - di));
+      for (; j + kLanes <= Tp; j += kLanes)
+        StoreW(dr + j, LoadW(pr + j) * (LoadW(dr + j) - di));
       for (; j < Tp; ++j) dr[j] = pr[j] * (dr[j] - delta[i]);
     }
     // dv = P^T dout; dk = dS^T (q * scale); dq = dS (k * scale).
