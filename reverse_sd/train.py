@@ -27,6 +27,7 @@ from reverse_sd import metrics as metrics_lib
 from reverse_sd import optim
 from reverse_sd import sharding
 from reverse_sd import state as state_lib
+from reverse_sd import xla_cpu
 from reverse_sd.data import datasets
 from reverse_sd.data import pipeline
 from reverse_sd.models import pretrained
@@ -72,10 +73,13 @@ def make_train_step(model, loss_config: ml_collections.ConfigDict,
         grad_norm=optim.global_norm(grads, grad_norm))
     return state.apply_gradients(grads=grads), metrics
 
+  # XLA:CPU compiler options for this step alone (reverse_sd/xla_cpu.py:
+  # YNNPACK's dots on a one-device AVX-512 CPU; none elsewhere).
   return jax.jit(train_step,
                  in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
                  out_shardings=(state_shardings, sharding.replicated(mesh)),
-                 donate_argnums=0)
+                 donate_argnums=0,
+                 compiler_options=xla_cpu.train_step_options() or None)
 
 
 def total_train_steps(config: ml_collections.ConfigDict,

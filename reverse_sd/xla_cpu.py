@@ -1,5 +1,5 @@
-"""XLA:CPU settings: YNNPACK fusions off or for dots only (default),
-oneDNN dots (opt-in).
+"""XLA:CPU settings: YNNPACK fusions off (default; its dots in the train
+step on AVX-512 CPUs), oneDNN dots (opt-in).
 
 jaxlib 0.10's XLA:CPU hands dots, convolutions and reductions to YNNPACK
 ("ynn_fusion" ops) unless told otherwise. On the 2-core AMD EPYC (AVX2) of
@@ -9,12 +9,14 @@ ViT-B/16's step was 8% (training) and 15% (inference) slower with them
 (`benchmarks/ab_step.py --change=ynn`). So importing `reverse_sd` turns
 them off (`DEFAULT_FLAGS`): XLA then uses its own (Eigen) kernels, which
 every jaxlib before YNNPACK used. On a CPU with AVX-512, in a one-device
-process, it keeps YNNPACK for single dots only (`AVX512_FLAGS`): on the
-2-core Xeon of the 2026-11-30 08:25 run they ran the ConvNet's train step
-12% faster than Eigen's (its skinny read-out products) and ViT-B/16's
-within 4% either way (RESULTS.md, "YNNPACK dots"), while its full set
-still slowed ViT-B/16's inference by 8%. `REVERSE_SD_XLA_CPU_DEFAULTS=0`
-keeps XLA's choice.
+process, the train step alone is compiled with YNNPACK for single dots
+(`train_step_options`, used by `train.make_train_step`): on the 2-core
+Xeon of the 2026-11-30 runs they ran the ConvNet's train step 6% faster
+than Eigen's (its skinny read-out products) and ViT-B/16's the same, but
+the predict steps 2% (ConvNet) and 9% (ViT-B/16) slower
+(`benchmarks/ab_step.py --change=ynn_dots`, RESULTS.md).
+`REVERSE_SD_XLA_CPU_DEFAULTS=0` keeps XLA's choice for both, and a
+YNNPACK flag of your own in XLA_FLAGS is left to apply to both.
 
 oneDNN's kernels for every dot (`ONEDNN_FLAGS`) are opt-in,
 `REVERSE_SD_XLA_CPU_ONEDNN=1`: they ran ViT-B/16 inference faster still,
@@ -48,12 +50,16 @@ FAKE_DEVICES_FLAG = 'xla_force_host_platform_device_count'
 DEFAULT_FLAGS = (
     ('xla_cpu_experimental_ynn_fusion_type', ''),
 )
-# (flag, value): YNNPACK for single dots only, the default instead of
-# DEFAULT_FLAGS in a one-device process on a CPU with AVX-512.
-AVX512_FLAGS = (
-    ('xla_cpu_experimental_ynn_fusion_type', 'individual_dot'),
-)
+YNN_FLAG = 'xla_cpu_experimental_ynn_fusion_type'
+# Compiler options of the train step (`train_step_options`): YNNPACK for
+# single dots only.
+TRAIN_STEP_OPTIONS = {YNN_FLAG: 'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT'}
 AVX512_FEATURES = ('avx512f', 'avx512vl', 'avx512dq', 'avx512bw')
+# The flags `apply_defaults` added to XLA_FLAGS, comma-separated, so that a
+# child process (which inherits both variables) tells them from the user's.
+ADDED_ENV = 'REVERSE_SD_XLA_CPU_ADDED'
+# The names this process's XLA_FLAGS held that `apply_defaults` did not add.
+_user_flags: set[str] = set()
 # (flag, value): oneDNN thunks, used for every single dot (batched or not).
 ONEDNN_FLAGS = (
     ('xla_cpu_use_onednn', 'true'),
@@ -131,34 +137,56 @@ def cpu_has_avx512() -> bool:
   return False
 
 
+def train_step_options(environ: MutableMapping[str, str] | None = None,
+                       avx512: bool | None = None,
+                       device_count: int | None = None,
+                       backend: str | None = None,
+                       version: tuple[int, int] | None = None
+                       ) -> dict[str, str]:
+  """XLA compiler options for the train step's jit (see the module doc).
+
+  `TRAIN_STEP_OPTIONS` on a one-device CPU backend whose CPU has AVX-512,
+  with the defaults on (`REVERSE_SD_XLA_CPU_DEFAULTS`), a checked jaxlib
+  and no YNNPACK flag of the user's in XLA_FLAGS; else {}. The arguments
+  default to this process's.
+  """
+  environ = os.environ if environ is None else environ
+  version = jaxlib_version() if version is None else version
+  if (version not in CHECKED_JAXLIB or YNN_FLAG in _user_flags or
+      not _is_set(environ, DEFAULTS_ENV, '1')):
+    return {}
+  if backend is None or device_count is None:
+    import jax  # pylint: disable=g-import-not-at-top
+    backend = jax.default_backend() if backend is None else backend
+    device_count = jax.device_count() if device_count is None else (
+        device_count)
+  avx512 = cpu_has_avx512() if avx512 is None else avx512
+  if backend != 'cpu' or device_count != 1 or not avx512:
+    return {}
+  return dict(TRAIN_STEP_OPTIONS)
+
+
 def flags_for(environ: MutableMapping[str, str],
-              version: tuple[int, int] | None = None,
-              avx512: bool | None = None
+              version: tuple[int, int] | None = None
               ) -> tuple[tuple[str, str], ...]:
-  """The (flag, value) pairs `environ` asks for (see the module doc);
-  `avx512` says whether the CPU has AVX-512 (default: read it)."""
+  """The (flag, value) pairs `environ` asks for (see the module doc)."""
   version = jaxlib_version() if version is None else version
   if version not in CHECKED_JAXLIB:
     return ()
-  flags = ()
-  if _is_set(environ, DEFAULTS_ENV, '1'):
-    avx512 = cpu_has_avx512() if avx512 is None else avx512
-    flags = (AVX512_FLAGS if avx512 and cpu_device_count(environ) <= 1
-             else DEFAULT_FLAGS)
+  flags = DEFAULT_FLAGS if _is_set(environ, DEFAULTS_ENV, '1') else ()
   if _is_set(environ, OPT_IN_ENV, '0') and cpu_device_count(environ) <= 1:
     flags += ONEDNN_FLAGS
   return flags
 
 
 def apply_defaults(environ: MutableMapping[str, str] | None = None,
-                   version: tuple[int, int] | None = None,
-                   avx512: bool | None = None) -> tuple[str, ...]:
+                   version: tuple[int, int] | None = None
+                   ) -> tuple[str, ...]:
   """Adds the flags of `flags_for` to `environ['XLA_FLAGS']`.
 
   Args:
     environ: the environment to change (default `os.environ`).
     version: jaxlib's (major, minor) (default: the installed one).
-    avx512: whether the CPU has AVX-512 (default: read /proc/cpuinfo).
 
   Returns:
     The names of the flags that apply (empty with an unchecked jaxlib, or
@@ -166,7 +194,14 @@ def apply_defaults(environ: MutableMapping[str, str] | None = None,
     are.
   """
   environ = os.environ if environ is None else environ
-  flags = flags_for(environ, version, avx512)
+  ours = set(filter(None, environ.get(ADDED_ENV, '').split(',')))
+  if environ is os.environ:
+    _user_flags.update(
+        set(_flag_values(environ.get('XLA_FLAGS', ''))) - ours)
+  flags = flags_for(environ, version)
   if flags:
+    named = _flag_values(environ.get('XLA_FLAGS', ''))
     environ['XLA_FLAGS'] = with_flags(environ.get('XLA_FLAGS', ''), flags)
+    environ[ADDED_ENV] = ','.join(sorted(
+        ours | {name for name, _ in flags if name not in named}))
   return tuple(name for name, _ in flags)

@@ -26,35 +26,57 @@ OFF = {xla_cpu.DEFAULTS_ENV: '0'}
 
 def test_default_turns_ynnpack_off():
   env = {'XLA_FLAGS': '--a=1'}
-  assert xla_cpu.apply_defaults(env, version=(0, 10), avx512=False) == (
+  assert xla_cpu.apply_defaults(env, version=(0, 10)) == (
       'xla_cpu_experimental_ynn_fusion_type',)
   assert env['XLA_FLAGS'] == '--a=1 ' + NO_YNN
 
 
-def test_avx512_keeps_ynnpack_dots_on_one_device():
+def test_train_step_options_only_for_one_avx512_cpu_device():
+  kw = dict(environ={}, version=(0, 10), backend='cpu', device_count=1)
+  assert xla_cpu.train_step_options(avx512=True, **kw) == (
+      xla_cpu.TRAIN_STEP_OPTIONS)
+  assert not xla_cpu.train_step_options(avx512=False, **kw)
+  assert not xla_cpu.train_step_options(
+      avx512=True, **dict(kw, device_count=8))
+  assert not xla_cpu.train_step_options(avx512=True, **dict(kw, backend='gpu'))
+  assert not xla_cpu.train_step_options(avx512=True, **dict(kw, environ=OFF))
+  assert not xla_cpu.train_step_options(
+      avx512=True, **dict(kw, version=(0, 9)))
+
+
+def test_a_child_process_tells_our_flags_from_the_users():
+  # A child inherits XLA_FLAGS with the default in it; the flags we added
+  # are listed, so the child still counts them as ours.
   env = {'XLA_FLAGS': '--a=1'}
-  xla_cpu.apply_defaults(env, version=(0, 10), avx512=True)
-  assert env['XLA_FLAGS'] == (
-      '--a=1 --xla_cpu_experimental_ynn_fusion_type=individual_dot')
-  env = {'XLA_FLAGS': '--xla_force_host_platform_device_count=8'}
-  xla_cpu.apply_defaults(env, version=(0, 10), avx512=True)
-  assert NO_YNN in env['XLA_FLAGS'].split()
-  env = dict(OFF)
-  assert not xla_cpu.apply_defaults(env, version=(0, 10), avx512=True)
+  xla_cpu.apply_defaults(env, version=(0, 10))
+  assert env[xla_cpu.ADDED_ENV] == 'xla_cpu_experimental_ynn_fusion_type'
+  code = ('import reverse_sd\nfrom reverse_sd import xla_cpu\n'
+          'print(sorted(xla_cpu._user_flags))\n')
+  child = _fresh(code, **{'XLA_FLAGS': env['XLA_FLAGS'],
+                          xla_cpu.ADDED_ENV: env[xla_cpu.ADDED_ENV]})
+  assert child == ["['a']"]
+
+
+def test_train_step_options_compile_ynnpack_dots():
+  # The option reaches XLA: the product goes to a YNNPACK fusion.
+  options = dict(xla_cpu.TRAIN_STEP_OPTIONS)
+  f = jax.jit(lambda a, b: jnp.tanh(a @ b), compiler_options=options)
+  hlo = f.lower(jnp.ones((64, 32)), jnp.ones((32, 16))).compile().as_text()
+  assert 'ynn_fusion' in hlo
 
 
 def test_defaults_off_leaves_flags_alone():
   env = dict(OFF, XLA_FLAGS='--a=1')
-  assert not xla_cpu.apply_defaults(env, version=(0, 10), avx512=False)
+  assert not xla_cpu.apply_defaults(env, version=(0, 10))
   assert env['XLA_FLAGS'] == '--a=1'
 
 
 def test_onednn_flags_added_after_the_default():
   env = dict(ON)
-  xla_cpu.apply_defaults(env, version=(0, 10), avx512=False)
+  xla_cpu.apply_defaults(env, version=(0, 10))
   assert env['XLA_FLAGS'].split() == [NO_YNN] + ONEDNN
   env = dict(ON, **OFF)
-  xla_cpu.apply_defaults(env, version=(0, 10), avx512=False)
+  xla_cpu.apply_defaults(env, version=(0, 10))
   assert env['XLA_FLAGS'].split() == ONEDNN
 
 
@@ -62,7 +84,7 @@ def test_user_flags_win_and_are_kept():
   env = dict(ON, XLA_FLAGS='--xla_force_host_platform_device_count=1 '
                            '--xla_cpu_use_onednn=false '
                            '--xla_cpu_experimental_ynn_fusion_type=dot')
-  xla_cpu.apply_defaults(env, version=(0, 10), avx512=False)
+  xla_cpu.apply_defaults(env, version=(0, 10))
   flags = env['XLA_FLAGS'].split()
   assert flags == ['--xla_force_host_platform_device_count=1',
                    '--xla_cpu_use_onednn=false',
@@ -75,7 +97,7 @@ def test_user_flags_win_and_are_kept():
 def test_several_cpu_devices_get_no_onednn(env):
   # oneDNN calls crashed processes running several CPU devices at once;
   # the YNNPACK default applies (this test suite runs with it, 8 devices).
-  xla_cpu.apply_defaults(env, version=(0, 10), avx512=False)
+  xla_cpu.apply_defaults(env, version=(0, 10))
   assert 'onednn' not in env['XLA_FLAGS']
   assert NO_YNN in env['XLA_FLAGS'].split()
 
@@ -91,23 +113,23 @@ def test_this_test_process_runs_without_ynnpack_and_onednn():
 
 def test_applying_twice_adds_nothing():
   env = dict(ON)
-  xla_cpu.apply_defaults(env, version=(0, 10), avx512=False)
+  xla_cpu.apply_defaults(env, version=(0, 10))
   once = env['XLA_FLAGS']
-  xla_cpu.apply_defaults(env, version=(0, 10), avx512=False)
+  xla_cpu.apply_defaults(env, version=(0, 10))
   assert env['XLA_FLAGS'] == once
 
 
 @pytest.mark.parametrize('value', ['0', 'false', 'No', ''])
 def test_other_values_do_not_opt_in(value):
   env = dict(OFF, XLA_FLAGS='--a=1', **{xla_cpu.OPT_IN_ENV: value})
-  assert not xla_cpu.apply_defaults(env, version=(0, 10), avx512=False)
+  assert not xla_cpu.apply_defaults(env, version=(0, 10))
   assert env['XLA_FLAGS'] == '--a=1'
 
 
 def test_unknown_value_warns_and_keeps_the_default():
   env = {xla_cpu.DEFAULTS_ENV: 'O', xla_cpu.OPT_IN_ENV: 'on'}
   with pytest.warns(UserWarning) as record:
-    xla_cpu.apply_defaults(env, version=(0, 10), avx512=False)
+    xla_cpu.apply_defaults(env, version=(0, 10))
   messages = ' '.join(str(w.message) for w in record)
   assert xla_cpu.DEFAULTS_ENV in messages and xla_cpu.OPT_IN_ENV in messages
   assert env['XLA_FLAGS'] == NO_YNN  # Defaults on, oneDNN off.
@@ -116,8 +138,8 @@ def test_unknown_value_warns_and_keeps_the_default():
 def test_unchecked_jaxlib_gets_nothing():
   # XLA exits on flags it does not know, so other versions are left alone.
   env = dict(ON)
-  assert not xla_cpu.apply_defaults(env, version=(0, 9), avx512=False)
-  assert not xla_cpu.apply_defaults(env, version=(1, 0), avx512=False)
+  assert not xla_cpu.apply_defaults(env, version=(0, 9))
+  assert not xla_cpu.apply_defaults(env, version=(1, 0))
   assert 'XLA_FLAGS' not in env
 
 
@@ -127,7 +149,7 @@ def test_installed_jaxlib_is_checked():
 
 def _fresh(code: str, **env_vars) -> list[str]:
   env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS='cpu', XLA_FLAGS='')
-  for name in (xla_cpu.OPT_IN_ENV, xla_cpu.DEFAULTS_ENV):
+  for name in (xla_cpu.OPT_IN_ENV, xla_cpu.DEFAULTS_ENV, xla_cpu.ADDED_ENV):
     env.pop(name, None)
   env.update(env_vars)
   return subprocess.run([sys.executable, '-c', code], env=env, check=True,
@@ -141,11 +163,7 @@ def test_import_sets_flags_in_a_fresh_process():
   batched matmul in one of the suite's runs (the reason they are opt-in).
   """
   code = 'import os, reverse_sd\nprint(os.environ["XLA_FLAGS"])\n'
-  default = (dict(xla_cpu.AVX512_FLAGS) if xla_cpu.cpu_has_avx512()
-             else dict(xla_cpu.DEFAULT_FLAGS))
-  ynn = ('--xla_cpu_experimental_ynn_fusion_type=' +
-         default['xla_cpu_experimental_ynn_fusion_type'])
-  assert _fresh(code, **ON) == [ynn] + ONEDNN
+  assert _fresh(code, **ON) == [NO_YNN] + ONEDNN
 
 
 _COMPILED = ('import os, reverse_sd, jax, jax.numpy as jnp\n'
@@ -155,20 +173,16 @@ _COMPILED = ('import os, reverse_sd, jax, jax.numpy as jnp\n'
 
 
 def test_default_fresh_process_compiles_without_ynnpack_or_onednn():
-  # A one-device process: YNNPACK's dots only on an AVX-512 CPU.
-  assert _fresh(_COMPILED) == ['False', str(xla_cpu.cpu_has_avx512())]
+  assert _fresh(_COMPILED) == ['False', 'False']
 
 
-def test_fresh_process_on_avx512_keeps_only_ynnpack_dots():
-  if not xla_cpu.cpu_has_avx512():
-    pytest.skip('needs an AVX-512 CPU')
-  code = ('import reverse_sd, jax, jax.numpy as jnp\n'
-          'f = lambda x, w: jnp.tanh(x @ w).sum(axis=0)\n'
-          'hlo = jax.jit(f).lower(jnp.ones((64, 64)), '
-          'jnp.ones((64, 64))).compile().as_text()\n'
-          'print(hlo.count("ynn_fusion") > 0, "reduce" in hlo)\n')
-  # The product in a YNNPACK fusion; the reduction left to XLA.
-  assert _fresh(code) == ['True', 'True']
+def test_fresh_process_train_step_options():
+  # One device: the train step's options follow the CPU; a YNNPACK flag of
+  # the user's turns them off.
+  code = ('import reverse_sd\nfrom reverse_sd import xla_cpu\n'
+          'print(bool(xla_cpu.train_step_options()))\n')
+  assert _fresh(code) == [str(xla_cpu.cpu_has_avx512())]
+  assert _fresh(code, XLA_FLAGS=NO_YNN) == ['False']
 
 
 def test_defaults_off_keeps_xla_choice():
