@@ -35,9 +35,10 @@ code stands and (B) with one change undone, then runs A, B, A, B, ... for
   auto: in a one-device process the fused CPU kernel,
   `models/cpu_sum_squares.cc`), B = `optax.tree.norm`
   (`config.optim.grad_norm='xla'`).
-- `ynn_dots`: A = the process's flags (the project default: on a CPU with
-  AVX-512, YNNPACK for single dots, `reverse_sd/xla_cpu.py`), B = compiled
-  without YNNPACK fusions.
+- `ynn_dots`: A = the project default (on a one-device CPU with AVX-512
+  the train step is compiled with YNNPACK's single dots,
+  `xla_cpu.train_step_options`; the predict step without), B = both
+  compiled without YNNPACK fusions.
 - `ynn`: A = compiled without YNNPACK fusions (the project's XLA:CPU
   default on CPUs without AVX-512), B = XLA's own choice. Run it with
   REVERSE_SD_XLA_CPU_DEFAULTS=0, so that the process keeps XLA's flags:

@@ -17,8 +17,10 @@ directory) never load a half-written one.
 On x86-64 the library is compiled for AVX2 and FMA (every x86 server CPU of
 the last ten years), and a CPU without them gets XLA's own ops instead.
 Where the CPU also has AVX-512 (F, VL, DQ, BW), it is compiled for that
-too, and the kernels written for the widest vector (`kLanes` in
-`cpu_kernels.h`: the convolution's forward pass) use 16 lanes;
+too, and the code written for the widest vector (`VW`, `kLanes` in
+`cpu_kernels.h`: the convolution's forward pass and kernel-gradient tiles,
+the shared matrix product, attention's softmax and row passes) uses 16
+lanes;
 `REVERSE_SD_KERNEL_AVX512=0` keeps the AVX2 build. The flags are part of
 the cache key, so machines of different CPUs sharing a home directory each
 build their own.
