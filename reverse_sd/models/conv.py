@@ -259,14 +259,10 @@ def conv_bias_act(x_BxHxWxC, kernel_HxWxIxO, bias_O=None,
   if activation not in ACTIVATIONS:
     raise ValueError(f'Conv activation {activation!r}: expected one of '
                      f'{ACTIVATIONS}.')
-  strides = tuple(int(s) for s in strides)
-  pads = explicit_padding(padding, x_BxHxWxC.shape[1:3],
-                          kernel_HxWxIxO.shape[:2], strides)
-  impl = resolve_grad_impl(grad_impl, x_BxHxWxC, kernel_HxWxIxO)
-  patches = (tuple(kernel_HxWxIxO.shape[:2]) == strides and
-             all(p == (0, 0) for p in pads))
+  strides, pads, impl = _plan(x_BxHxWxC, kernel_HxWxIxO, strides, padding,
+                              grad_impl)
   fits = (np.prod(kernel_HxWxIxO.shape) * 4 <= FORWARD_KERNEL_MAX_BYTES)
-  if impl == 'cpu_kernel' and fits and not (grad_impl == 'auto' and patches):
+  if impl == 'cpu_kernel' and fits:
     if bias_O is None:
       bias_O = jnp.zeros((kernel_HxWxIxO.shape[-1],), jnp.float32)
     return _conv_bias_act_kernel(x_BxHxWxC, kernel_HxWxIxO,
@@ -308,6 +304,18 @@ def resolve_grad_impl(grad_impl: str, x=None, kernel=None) -> str:
   return 'matmul'
 
 
+def _plan(x, kernel, strides, padding, grad_impl):
+  """(strides, explicit padding, implementation) of one convolution."""
+  strides = tuple(int(s) for s in strides)
+  pads = explicit_padding(padding, x.shape[1:3], kernel.shape[:2], strides)
+  impl = resolve_grad_impl(grad_impl, x, kernel)
+  patches = (tuple(kernel.shape[:2]) == strides and
+             all(p == (0, 0) for p in pads))
+  if impl == 'cpu_kernel' and grad_impl == 'auto' and patches:
+    impl = 'matmul'  # Non-overlapping patches: one matrix product each way.
+  return strides, pads, impl
+
+
 def conv2d(x_BxHxWxC, kernel_HxWxIxO, strides: Sequence[int] = (1, 1),
            padding: Padding = 'SAME', grad_impl: str = 'auto'):
   """NHWC x HWIO convolution; `grad_impl` picks how gradients are computed.
@@ -324,14 +332,8 @@ def conv2d(x_BxHxWxC, kernel_HxWxIxO, strides: Sequence[int] = (1, 1),
   Returns:
     [B, H', W', O].
   """
-  strides = tuple(int(s) for s in strides)
-  pads = explicit_padding(padding, x_BxHxWxC.shape[1:3],
-                          kernel_HxWxIxO.shape[:2], strides)
-  impl = resolve_grad_impl(grad_impl, x_BxHxWxC, kernel_HxWxIxO)
-  patches = (tuple(kernel_HxWxIxO.shape[:2]) == strides and
-             all(p == (0, 0) for p in pads))
-  if impl == 'cpu_kernel' and grad_impl == 'auto' and patches:
-    impl = 'matmul'  # Non-overlapping patches: one matrix product each way.
+  strides, pads, impl = _plan(x_BxHxWxC, kernel_HxWxIxO, strides, padding,
+                              grad_impl)
   if impl == 'xla':
     return _forward(x_BxHxWxC, kernel_HxWxIxO, strides, pads)
   if impl == 'cpu_kernel':
