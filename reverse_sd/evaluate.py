@@ -71,10 +71,12 @@ def resolve_micro_batch(micro_batch: int) -> int:
   -1 (auto): `CPU_MICRO_BATCH` on CPU and 0 on accelerators. 0 runs the
   whole per-device batch at once. On CPU each micro-batch costs a fixed
   overhead (the ops' thread hand-offs), so larger ones run faster: the
-  default ConvNet predicted 3730 img/s in micro-batches of 32, 4510 in 64
-  and 5400 in one of 256 (`benchmarks/RESULTS.md`, "Micro-batches"). The
-  cap bounds the memory of one pass: XLA's temporaries are 0.19 MB per
-  image for that ConvNet and 5.2 MB for ViT-B/16 at 224 px (1.3 GB for 256).
+  default ConvNet's batch of 256 predicted 1.39x faster at once than in
+  micro-batches of 32 (`benchmarks/ab_step.py --change=micro_batch
+  --micro_batch=32`; `benchmarks/RESULTS.md`). The cap bounds the memory of
+  one pass: XLA's temporaries are 0.19 MB per image for that ConvNet and
+  5.2 MB for ViT-B/16 at 224 px, 1.3 GB for 256 (the command in
+  RESULTS.md).
   """
   micro_batch = int(micro_batch)
   if micro_batch < -1:

@@ -39,6 +39,7 @@ touch only the CPU backend.
 """
 
 from collections.abc import MutableMapping
+import functools
 import importlib.metadata
 import os
 import warnings
@@ -123,18 +124,24 @@ def _is_set(environ: MutableMapping[str, str], name: str,
   return value in _ON
 
 
-def cpu_has_avx512() -> bool:
-  """Whether /proc/cpuinfo lists AVX-512 F, VL, DQ and BW (False if it
-  cannot be read, as on non-Linux hosts)."""
+@functools.cache
+def cpu_flags() -> frozenset[str] | None:
+  """The CPU's feature flags from /proc/cpuinfo (empty if it lists none),
+  or None if it cannot be read (as on non-Linux hosts)."""
   try:
     with open('/proc/cpuinfo', encoding='utf-8') as f:
       for line in f:
         if line.startswith('flags'):
-          flags = set(line.split(':', 1)[1].split())
-          return all(feature in flags for feature in AVX512_FEATURES)
+          return frozenset(line.split(':', 1)[1].split())
   except OSError:
-    pass
-  return False
+    return None
+  return frozenset()
+
+
+def cpu_has_avx512() -> bool:
+  """Whether /proc/cpuinfo lists AVX-512 F, VL, DQ and BW."""
+  flags = cpu_flags() or frozenset()
+  return all(feature in flags for feature in AVX512_FEATURES)
 
 
 def train_step_options(environ: MutableMapping[str, str] | None = None,

@@ -184,9 +184,10 @@ _conv_kernel_grad.defvjp(_conv_fwd, _conv_kernel_bwd)
 ACTIVATIONS = (None, 'relu')
 # The FFI forward pass reads its kernel's slice for every tile of 12 output
 # pixels from cache: above this size (about half of a 2 MB L2 cache) it ran
-# slower than XLA's convolution (a 3x3 convolution of 320 to 320 channels,
-# 3.7 MB: 127 against 223 GFLOP/s), so larger kernels keep XLA's forward
-# pass, with the bias and activation after it.
+# slower than XLA's convolution in a one-off timing on a 2-core Xeon (a 3x3
+# convolution of 320 to 320 channels, 3.7 MB: about half XLA's speed), so
+# larger kernels keep XLA's forward pass, with the bias and activation after
+# it.
 FORWARD_KERNEL_MAX_BYTES = 1536 << 10
 
 
@@ -220,13 +221,8 @@ def _conv_bias_act_fwd(x, kernel, bias, strides, padding, activation):
 def _conv_bias_act_bwd(strides, padding, activation, residuals, dy):
   x, kernel, y = residuals
   dz = jnp.where(y > 0, dy, 0.0) if activation == 'relu' else dy
-  rows = dz.reshape(-1, dz.shape[-1])
-  # The bias gradient as a vector-matrix product (models/dense.py).
-  dbias = lax.dot_general(jnp.ones((rows.shape[0],), rows.dtype), rows,
-                          (((0,), (0,)), ((), ())),
-                          preferred_element_type=jnp.float32)
   dx, dkernel = _conv_kernel_bwd(strides, padding, (x, kernel), dz)
-  return dx, dkernel, dbias
+  return dx, dkernel, dense.bias_grad(dz)
 
 
 _conv_bias_act_kernel.defvjp(_conv_bias_act_fwd, _conv_bias_act_bwd)

@@ -97,12 +97,6 @@ void ScatterHead(const float* src, const Shape& s, int64_t rows, int64_t b,
     std::memcpy(dst + r * row_stride, src + r * s.dim, s.dim * sizeof(float));
 }
 
-// Per-thread scratch, grown as needed and reused across calls.
-float* Scratch(std::vector<float>& buffer, size_t size) {
-  if (buffer.size() < size) buffer.resize(size);
-  return buffer.data();
-}
-
 // P[i, :T] = exp(S[i, :T] - max) / sum (in place); returns nothing, writes
 // the row's log-sum-exp to lse[i].
 void SoftmaxRows(float* S, int64_t rows, int64_t T, int64_t ld, float* lse) {

@@ -45,7 +45,8 @@ struct ConvShape {
   }
 };
 
-// dk[(i, j), ci:ci+MR, co:co+kLanes*NV] += sum over images [n0, n1) of the taps.
+// dk[(i, j), ci:ci+MR, co:co+kLanes*NV] += sum over images [n0, n1) of the
+// taps.
 template <int MR, int NV>
 void KernelGradTile(const ConvShape& s, const float* x, const float* dy,
                     int64_t n0, int64_t n1, int64_t i, int64_t j, int64_t ci,
@@ -53,7 +54,8 @@ void KernelGradTile(const ConvShape& s, const float* x, const float* dy,
   float* out = dk + ((i * s.kw + j) * s.ci + ci) * s.co + co;
   VW acc[MR][NV];
   for (int r = 0; r < MR; ++r)
-    for (int c = 0; c < NV; ++c) acc[r][c] = LoadW(out + r * s.co + kLanes * c);
+    for (int c = 0; c < NV; ++c)
+      acc[r][c] = LoadW(out + r * s.co + kLanes * c);
   int64_t lo, hi;
   s.Columns(j, &lo, &hi);
   const int64_t x_step = s.sw * s.ci;
@@ -75,10 +77,11 @@ void KernelGradTile(const ConvShape& s, const float* x, const float* dy,
     }
   }
   for (int r = 0; r < MR; ++r)
-    for (int c = 0; c < NV; ++c) StoreW(out + r * s.co + kLanes * c, acc[r][c]);
+    for (int c = 0; c < NV; ++c)
+      StoreW(out + r * s.co + kLanes * c, acc[r][c]);
 }
 
-// The same for output channels [co, s.co) one at a time (s.co % 8 != 0).
+// The same for output channels [co, s.co) one at a time (s.co % kLanes != 0).
 void KernelGradScalar(const ConvShape& s, const float* x, const float* dy,
                       int64_t n0, int64_t n1, int64_t i, int64_t j,
                       int64_t co, float* dk) {
@@ -230,7 +233,6 @@ ffi::Error InputGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy,
   return ffi::Error::Success();
 }
 
-
 // ---- Forward: y = act(conv(x, K) + bias), one pass over the output. ----
 //
 // The output pixels (flattened over the batch) go in tiles of kFwdRows.
@@ -347,28 +349,29 @@ ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   const int64_t tiles = (pixels + kFwdRows - 1) / kFwdRows;
   // Chunks of tiles for the threads: enough for balance, few enough that
   // claiming one costs nothing next to its work.
-  const int64_t chunk = std::max<int64_t>(
-      1, std::min<int64_t>(64, tiles / (8 * std::max<int64_t>(1, pool.num_threads()))));
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  const int64_t chunk =
+      std::max<int64_t>(1, std::min<int64_t>(64, tiles / (8 * threads)));
   const int64_t chunks = (tiles + chunk - 1) / chunk;
   ParallelFor(pool, chunks, [&](int64_t part) {
-    std::vector<float> panel(taps * kFwdRows);
+    thread_local std::vector<float> buffer;
+    float* panel = Scratch(buffer, taps * kFwdRows);
     const int64_t t1 = std::min(tiles, (part + 1) * chunk);
     for (int64_t t = part * chunk; t < t1; ++t) {
       const int64_t p0 = t * kFwdRows;
       const int count =
           static_cast<int>(std::min<int64_t>(kFwdRows, pixels - p0));
-      PackTile(s, xp, p0, count, panel.data());
+      PackTile(s, xp, p0, count, panel);
       float* yt = out + p0 * s.co;
       int64_t co = 0;
       for (; co + kFwdCols * kLanes <= s.co; co += kFwdCols * kLanes)
-        ForwardBlock<kFwdCols>(taps, panel.data(), kp + co, s.co, bp + co,
+        ForwardBlock<kFwdCols>(taps, panel, kp + co, s.co, bp + co,
                                relu != 0, count, yt + co);
       for (; co + kLanes <= s.co; co += kLanes)
-        ForwardBlock<1>(taps, panel.data(), kp + co, s.co, bp + co,
-                        relu != 0, count, yt + co);
+        ForwardBlock<1>(taps, panel, kp + co, s.co, bp + co, relu != 0,
+                        count, yt + co);
       if (co < s.co)
-        ForwardScalar(taps, panel.data(), kp, co, s.co, bp, relu != 0, count,
-                      yt);
+        ForwardScalar(taps, panel, kp, co, s.co, bp, relu != 0, count, yt);
     }
   });
   return ffi::Error::Success();

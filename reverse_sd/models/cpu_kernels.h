@@ -16,6 +16,7 @@
 #include <memory>
 #include <mutex>
 #include <utility>
+#include <vector>
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -142,6 +143,12 @@ void Gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
     case 1: RowBlock<1, kTransA, kAcc>(N, K, a, lda, B, ldb, c, ldc); break;
     default: break;
   }
+}
+
+// Per-thread scratch, grown as needed and reused across calls.
+inline float* Scratch(std::vector<float>& buffer, size_t size) {
+  if (buffer.size() < size) buffer.resize(size);
+  return buffer.data();
 }
 
 // Runs fn(0..n-1) on the caller and up to pool.num_threads() - 1 pool

@@ -42,10 +42,12 @@ import tempfile
 import jax
 import jaxlib
 
+from reverse_sd import xla_cpu
+
 CACHE_ENV = 'REVERSE_SD_KERNEL_CACHE'
 # 0: build the 8-lane (AVX2) kernels even on a CPU with AVX-512.
 AVX512_ENV = 'REVERSE_SD_KERNEL_AVX512'
-AVX512_FEATURES = ('avx512f', 'avx512vl', 'avx512dq', 'avx512bw')
+AVX512_FEATURES = xla_cpu.AVX512_FEATURES
 _HERE = pathlib.Path(__file__).parent
 SOURCES = (_HERE / 'cpu_attention.cc', _HERE / 'cpu_conv.cc',
            _HERE / 'cpu_layer_norm.cc', _HERE / 'cpu_sum_squares.cc')
@@ -81,17 +83,8 @@ def _is_x86() -> bool:
   return platform.machine() in ('x86_64', 'AMD64')
 
 
-@functools.cache
-def _cpu_flags() -> frozenset[str] | None:
-  """The CPU's feature flags from /proc/cpuinfo, or None if unreadable."""
-  try:
-    text = pathlib.Path('/proc/cpuinfo').read_text()
-  except OSError:
-    return None
-  for line in text.splitlines():
-    if line.startswith('flags'):
-      return frozenset(line.split(':', 1)[1].split())
-  return frozenset()
+# The CPU's feature flags (one reader for the package; tests swap it).
+_cpu_flags = xla_cpu.cpu_flags
 
 
 def _use_avx512() -> bool:

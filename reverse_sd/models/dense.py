@@ -35,12 +35,17 @@ def _add_bias_rows_fwd(y, bias):
   return y + bias, None
 
 
-def _add_bias_rows_bwd(_, dy):
+def bias_grad(dy):
+  """dy summed over every axis but the last, as a product with a vector of
+  ones (see the module docstring); float32."""
   rows = dy.reshape(-1, dy.shape[-1])
-  dbias = lax.dot_general(jnp.ones((rows.shape[0],), rows.dtype), rows,
-                          (((0,), (0,)), ((), ())),
-                          preferred_element_type=jnp.float32)
-  return dy, dbias.astype(dy.dtype)
+  return lax.dot_general(jnp.ones((rows.shape[0],), rows.dtype), rows,
+                         (((0,), (0,)), ((), ())),
+                         preferred_element_type=jnp.float32)
+
+
+def _add_bias_rows_bwd(_, dy):
+  return dy, bias_grad(dy).astype(dy.dtype)
 
 
 _add_bias_rows.defvjp(_add_bias_rows_fwd, _add_bias_rows_bwd)
