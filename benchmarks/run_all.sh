@@ -13,7 +13,7 @@
 # benchmarks/results/*.json, the console output also to
 # benchmarks/results/run_all.log.
 #
-#   bash benchmarks/run_all.sh            # 43 min (2-core Xeon), ~90 (2-core EPYC)
+#   bash benchmarks/run_all.sh            # 43-46 min (2-core Xeon), ~90 (2-core EPYC)
 #   bash benchmarks/run_all.sh --quick    # smoke run of every script
 #
 # A failing benchmark does not stop the others; the exit status is 1 if any
