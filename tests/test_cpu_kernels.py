@@ -86,10 +86,11 @@ def test_avx512_flags_follow_the_cpu_and_the_switch(monkeypatch):
   assert '-mavx512f' not in cpu_kernels._compile_flags()  # pylint: disable=protected-access
 
 
-def test_the_other_vector_width_gives_the_same_convolution(tmp_path):
+def test_the_other_vector_width_gives_the_same_results(tmp_path):
   # This CPU's build is tested everywhere else; here the other one (the
   # 8-lane build on an AVX-512 CPU, or the 16-lane one where it can run),
-  # in a fresh cache: the forward pass and both gradients against XLA.
+  # in a fresh cache: the convolution's forward pass and gradients, and the
+  # LayerNorm's, against XLA.
   flags = cpu_kernels._cpu_flags() or frozenset()  # pylint: disable=protected-access
   if not cpu_kernels._is_x86() or not all(  # pylint: disable=protected-access
       f in flags for f in cpu_kernels.AVX512_FEATURES):
@@ -109,6 +110,18 @@ def test_the_other_vector_width_gives_the_same_convolution(tmp_path):
         return (fn(x, k, b), *jax.grad(loss, argnums=(0, 1, 2))(x, k, b))
       for a, c in zip(run('xla'), run('cpu_kernel')):
         np.testing.assert_allclose(c, a, rtol=1e-4, atol=1e-4)
+      from reverse_sd.models import layer_norm
+      for shape in ((3, 5, 40), (4, 13)):
+        x = jnp.asarray(rng.normal(size=shape), jnp.float32)
+        w = jnp.asarray(rng.normal(size=shape), jnp.float32)
+        def ln(impl):
+          m = layer_norm.LayerNorm(impl=impl)
+          p = m.init(jax.random.key(0), x)
+          loss = lambda p, x: jnp.sum(m.apply(p, x) * w)
+          return (m.apply(p, x), *jax.tree.leaves(
+              jax.grad(loss, argnums=(0, 1))(p, x)))
+        for a, c in zip(ln('xla'), ln('cpu_kernel')):
+          np.testing.assert_allclose(c, a, rtol=1e-4, atol=1e-4)
       print('ok')
   ''')
   env = dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu', PYTHONPATH=REPO,

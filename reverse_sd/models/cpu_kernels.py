@@ -19,8 +19,8 @@ the last ten years), and a CPU without them gets XLA's own ops instead.
 Where the CPU also has AVX-512 (F, VL, DQ, BW), it is compiled for that
 too, and the code written for the widest vector (`VW`, `kLanes` in
 `cpu_kernels.h`: the convolution's forward pass and kernel-gradient tiles,
-the shared matrix product, attention's softmax and row passes) uses 16
-lanes;
+the shared matrix product, attention's softmax and row passes, LayerNorm)
+uses 16 lanes;
 `REVERSE_SD_KERNEL_AVX512=0` keeps the AVX2 build. The flags are part of
 the cache key, so machines of different CPUs sharing a home directory each
 build their own.

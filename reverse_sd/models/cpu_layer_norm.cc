@@ -15,8 +15,10 @@
 //             thread sums its own rows into its own dscale/dbias; the partial
 //             sums are added at the end.
 //
-// x is [rows..., D] with any number of leading axes; mean and rstd are
-// x.shape[:-1]. float32 only. Built by reverse_sd/models/cpu_kernels.py.
+// Vectors of the build's widest width (VW: 16 lanes with AVX-512, else 8);
+// the row sums keep two accumulators. x is [rows..., D] with any number of
+// leading axes; mean and rstd are x.shape[:-1]. float32 only. Built by
+// reverse_sd/models/cpu_kernels.py.
 
 #include <cmath>
 #include <cstdint>
@@ -29,8 +31,35 @@ namespace {
 
 using namespace reverse_sd;  // NOLINT: the shared vector helpers.
 
-inline float Sum(V8 v) {
-  return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
+// The lanes of v added in a fixed order.
+inline float SumW(VW v) {
+  float s = 0.0f;
+  for (int i = 0; i < kLanes; ++i) s += v[i];
+  return s;
+}
+
+// sum_j (row[j] - shift)^kPower over a row of D, kPower 1 or 2: two
+// vector accumulators, so consecutive adds do not wait on each other.
+template <int kPower>
+float RowSum(const float* row, int64_t D, float shift) {
+  const VW c = SplatW(shift);
+  VW a0 = SplatW(0.0f), a1 = SplatW(0.0f);
+  int64_t j = 0;
+  for (; j + 2 * kLanes <= D; j += 2 * kLanes) {
+    const VW u = LoadW(row + j) - c, v = LoadW(row + j + kLanes) - c;
+    a0 += kPower == 1 ? u : u * u;
+    a1 += kPower == 1 ? v : v * v;
+  }
+  for (; j + kLanes <= D; j += kLanes) {
+    const VW u = LoadW(row + j) - c;
+    a0 += kPower == 1 ? u : u * u;
+  }
+  float s = SumW(a0 + a1);
+  for (; j < D; ++j) {
+    const float u = row[j] - shift;
+    s += kPower == 1 ? u : u * u;
+  }
+  return s;
 }
 
 struct Rows {
@@ -80,29 +109,15 @@ ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
     for (int64_t i = task * per; i < end; ++i) {
       const float* row = xp + i * D;
       float* out = yp + i * D;
-      V8 acc = Splat(0.0f);
-      int64_t j = 0;
-      for (; j + 8 <= D; j += 8) acc += Load(row + j);
-      float s = Sum(acc);
-      for (; j < D; ++j) s += row[j];
-      const float mu = s / D;
-      const V8 mu8 = Splat(mu);
-      acc = Splat(0.0f);
-      j = 0;
-      for (; j + 8 <= D; j += 8) {
-        const V8 c = Load(row + j) - mu8;
-        acc += c * c;
-      }
-      float ss = Sum(acc);
-      for (; j < D; ++j) ss += (row[j] - mu) * (row[j] - mu);
-      const float rs = 1.0f / std::sqrt(ss / D + eps);
+      const float mu = RowSum<1>(row, D, 0.0f) / D;
+      const float rs = 1.0f / std::sqrt(RowSum<2>(row, D, mu) / D + eps);
       mp[i] = mu;
       rp[i] = rs;
-      const V8 rs8 = Splat(rs);
-      j = 0;
-      for (; j + 8 <= D; j += 8)
-        Store(out + j,
-              (Load(row + j) - mu8) * rs8 * Load(sp + j) + Load(bp + j));
+      const VW mu_w = SplatW(mu), rs_w = SplatW(rs);
+      int64_t j = 0;
+      for (; j + kLanes <= D; j += kLanes)
+        StoreW(out + j, (LoadW(row + j) - mu_w) * rs_w * LoadW(sp + j) +
+                            LoadW(bp + j));
       for (; j < D; ++j) out[j] = (row[j] - mu) * rs * sp[j] + bp[j];
     }
   });
@@ -146,20 +161,20 @@ ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
       const float* drow = dyp + i * D;
       float* out = dxp + i * D;
       const float mu = mp[i], rs = rp[i];
-      const V8 mu8 = Splat(mu), rs8 = Splat(rs);
-      V8 a8 = Splat(0.0f), b8 = Splat(0.0f);
+      const VW mu_w = SplatW(mu), rs_w = SplatW(rs);
+      VW a_w = SplatW(0.0f), b_w = SplatW(0.0f);
       int64_t j = 0;
-      for (; j + 8 <= D; j += 8) {
-        const V8 h = (Load(row + j) - mu8) * rs8;
-        const V8 d = Load(drow + j);
-        const V8 g = d * Load(sp + j);
-        Store(xh + j, h);
-        Store(ds + j, Load(ds + j) + d * h);
-        Store(db + j, Load(db + j) + d);
-        a8 += g;
-        b8 += g * h;
+      for (; j + kLanes <= D; j += kLanes) {
+        const VW h = (LoadW(row + j) - mu_w) * rs_w;
+        const VW d = LoadW(drow + j);
+        const VW g = d * LoadW(sp + j);
+        StoreW(xh + j, h);
+        StoreW(ds + j, LoadW(ds + j) + d * h);
+        StoreW(db + j, LoadW(db + j) + d);
+        a_w += g;
+        b_w += g * h;
       }
-      float a = Sum(a8), b = Sum(b8);
+      float a = SumW(a_w), b = SumW(b_w);
       for (; j < D; ++j) {
         const float h = (row[j] - mu) * rs, d = drow[j], g = d * sp[j];
         xh[j] = h;
@@ -170,11 +185,11 @@ ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
       }
       a /= D;
       b /= D;
-      const V8 a_8 = Splat(a), b_8 = Splat(b);
+      const VW a_s = SplatW(a), b_s = SplatW(b);
       j = 0;
-      for (; j + 8 <= D; j += 8)
-        Store(out + j, rs8 * (Load(drow + j) * Load(sp + j) - a_8 -
-                              Load(xh + j) * b_8));
+      for (; j + kLanes <= D; j += kLanes)
+        StoreW(out + j, rs_w * (LoadW(drow + j) * LoadW(sp + j) - a_s -
+                                LoadW(xh + j) * b_s));
       for (; j < D; ++j) out[j] = rs * (drow[j] * sp[j] - a - xh[j] * b);
     }
   });
