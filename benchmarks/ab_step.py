@@ -83,9 +83,9 @@ CHANGES = {
     'layer_norm': ('layer_norm', 'xla'),
     'grad_norm': ('grad_norm', 'xla'),
     # XLA compiler options A compiles with; B with the process's flags.
-    'ynn': {'xla_cpu_experimental_ynn_fusion_type': ''},
+    'ynn': {xla_cpu.YNN_FLAG: ''},
     # XLA compiler options B compiles with; A with the process's flags.
-    'ynn_dots': ('compile_b', {'xla_cpu_experimental_ynn_fusion_type': ''}),
+    'ynn_dots': ('compile_b', {xla_cpu.YNN_FLAG: ''}),
 }
 YNN_NEEDS = (f'--change=ynn compares the project default (no YNNPACK '
              f'fusions) with XLA\'s own: run it with '

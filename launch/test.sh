@@ -13,6 +13,6 @@ export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-2}"
 # test files (--dist=loadfile), so a file's module-scoped fixtures (the short
 # training runs) are built once, not once per worker: 569 tests in 20 min on
 # a 2-core EPYC (2026-11-30, from 23 min with per-test scheduling), 598 in
-# 9.5 min on a 2-core AVX-512 Xeon (2026-11-30 10:00).
+# 9.5-13 min on a 2-core AVX-512 Xeon (2026-11-30, 10:00-12:45).
 # PYTEST_WORKERS=0 runs the tests in one process.
 exec .venv/bin/python -m pytest -q -n "${PYTEST_WORKERS:-2}" --dist=loadfile "$@"

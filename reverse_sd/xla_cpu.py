@@ -48,10 +48,10 @@ DEFAULTS_ENV = 'REVERSE_SD_XLA_CPU_DEFAULTS'
 OPT_IN_ENV = 'REVERSE_SD_XLA_CPU_ONEDNN'
 FAKE_DEVICES_FLAG = 'xla_force_host_platform_device_count'
 # (flag, value): no YNNPACK fusions (an empty list of fusion types).
-DEFAULT_FLAGS = (
-    ('xla_cpu_experimental_ynn_fusion_type', ''),
-)
 YNN_FLAG = 'xla_cpu_experimental_ynn_fusion_type'
+DEFAULT_FLAGS = (
+    (YNN_FLAG, ''),
+)
 # Compiler options of the train step (`train_step_options`): YNNPACK for
 # single dots only.
 TRAIN_STEP_OPTIONS = {YNN_FLAG: 'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT'}

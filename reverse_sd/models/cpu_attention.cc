@@ -33,31 +33,27 @@ namespace {
 using namespace reverse_sd;  // NOLINT: the shared vector helpers.
 
 // exp(x) for x <= 0 to float32 accuracy (Cephes' expf polynomial): the
-// softmax argument is a logit minus its row's maximum. V is V8 or VW, VI
-// the int32 vector of as many lanes.
-template <typename V, typename VI>
-inline V ExpT(V x) {
-  const V lo = SplatAs<V>(-87.0f);
+// softmax argument is a logit minus its row's maximum.
+typedef int32_t VWi __attribute__((vector_size(kLanes * sizeof(int32_t))));
+inline VW ExpW(VW x) {
+  const VW lo = SplatW(-87.0f);
   x = x < lo ? lo : x;
-  V fx = x * SplatAs<V>(1.44269504088896341f) + SplatAs<V>(0.5f);
-  V t = __builtin_convertvector(__builtin_convertvector(fx, VI), V);
-  fx = t > fx ? t - SplatAs<V>(1.0f) : t;  // floor
-  x = x - fx * SplatAs<V>(0.693359375f) - fx * SplatAs<V>(-2.12194440e-4f);
-  V y = SplatAs<V>(1.9875691500e-4f);
-  y = y * x + SplatAs<V>(1.3981999507e-3f);
-  y = y * x + SplatAs<V>(8.3334519073e-3f);
-  y = y * x + SplatAs<V>(4.1665795894e-2f);
-  y = y * x + SplatAs<V>(1.6666665459e-1f);
-  y = y * x + SplatAs<V>(5.0000001201e-1f);
-  y = y * (x * x) + x + SplatAs<V>(1.0f);
-  VI e = (__builtin_convertvector(fx, VI) + 127) << 23;
-  V scale;
+  VW fx = x * SplatW(1.44269504088896341f) + SplatW(0.5f);
+  VW t = __builtin_convertvector(__builtin_convertvector(fx, VWi), VW);
+  fx = t > fx ? t - SplatW(1.0f) : t;  // floor
+  x = x - fx * SplatW(0.693359375f) - fx * SplatW(-2.12194440e-4f);
+  VW y = SplatW(1.9875691500e-4f);
+  y = y * x + SplatW(1.3981999507e-3f);
+  y = y * x + SplatW(8.3334519073e-3f);
+  y = y * x + SplatW(4.1665795894e-2f);
+  y = y * x + SplatW(1.6666665459e-1f);
+  y = y * x + SplatW(5.0000001201e-1f);
+  y = y * (x * x) + x + SplatW(1.0f);
+  VWi e = (__builtin_convertvector(fx, VWi) + 127) << 23;
+  VW scale;
   std::memcpy(&scale, &e, sizeof(scale));
   return y * scale;
 }
-
-typedef int32_t VWi __attribute__((vector_size(kLanes * sizeof(int32_t))));
-inline VW ExpW(VW x) { return ExpT<VW, VWi>(x); }
 
 int64_t RoundUp8(int64_t x) { return (x + 7) / 8 * 8; }
 
@@ -119,8 +115,7 @@ void SoftmaxRows(float* S, int64_t rows, int64_t T, int64_t ld, float* lse) {
       StoreW(row + j, p);
       sv += p;
     }
-    float sum = 0.0f;
-    for (int c = 0; c < kLanes; ++c) sum += sv[c];
+    float sum = SumW(sv);
     for (; j < T; ++j) {
       row[j] = std::exp(row[j] - m);
       sum += row[j];
@@ -244,8 +239,7 @@ ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
       VW accw = SplatW(0.0f);
       int64_t d = 0;
       for (; d + kLanes <= D; d += kLanes) accw += LoadW(a + d) * LoadW(o + d);
-      float acc = 0.0f;
-      for (int c = 0; c < kLanes; ++c) acc += accw[c];
+      float acc = SumW(accw);
       for (; d < D; ++d) acc += a[d] * o[d];
       delta[i] = acc;
     }

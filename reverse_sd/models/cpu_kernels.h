@@ -60,6 +60,13 @@ inline VW SplatW(float x) { return (VW)_mm512_set1_ps(x); }
 inline VW SplatW(float x) { return VW{x, x, x, x, x, x, x, x}; }
 #endif
 
+// The lanes of v added in a fixed order.
+inline float SumW(VW v) {
+  float s = 0.0f;
+  for (int i = 0; i < kLanes; ++i) s += v[i];
+  return s;
+}
+
 // Splat and load for either vector type (V8 or VW).
 template <typename V>
 inline V SplatAs(float x);

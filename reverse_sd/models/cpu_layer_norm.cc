@@ -31,13 +31,6 @@ namespace {
 
 using namespace reverse_sd;  // NOLINT: the shared vector helpers.
 
-// The lanes of v added in a fixed order.
-inline float SumW(VW v) {
-  float s = 0.0f;
-  for (int i = 0; i < kLanes; ++i) s += v[i];
-  return s;
-}
-
 // sum_j (row[j] - shift)^kPower over a row of D, kPower 1 or 2: two
 // vector accumulators, so consecutive adds do not wait on each other.
 template <int kPower>
