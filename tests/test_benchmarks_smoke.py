@@ -7,7 +7,9 @@ No timing is asserted: these check that the scripts produce their numbers
 import argparse
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from benchmarks import common
 from benchmarks import scaling
@@ -171,3 +173,33 @@ def test_kernels_jax_worker_times_every_kernel_and_reports():
       pass
     else:
       raise AssertionError(f'{bad}: expected an error')
+
+
+def test_mkl_dots_without_its_library_says_how_to_build_it(tmp_path):
+  from benchmarks import mkl_dots  # pylint: disable=g-import-not-at-top
+  with pytest.raises(SystemExit, match='bash benchmarks/mkl_dots.sh'):
+    mkl_dots.register(str(tmp_path / 'libmkl_dots.so'))
+  (tmp_path / 'not_a_library.so').write_text('text')
+  with pytest.raises(SystemExit, match='cannot load'):
+    mkl_dots.register(str(tmp_path / 'not_a_library.so'))
+
+
+def test_mkl_dots_sends_only_float32_dense_products_to_mkl(monkeypatch):
+  # MKL itself is not in this environment: a stand-in records the calls.
+  from benchmarks import mkl_dots  # pylint: disable=g-import-not-at-top
+  calls = []
+  monkeypatch.setattr(mkl_dots, 'dot',
+                      lambda x, w: calls.append(x.shape) or x @ w)
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((2, 3, 4), np.float32)
+  w = rng.standard_normal((4, 5), np.float32)
+  dense_dims = (((2,), (0,)), ((), ()))
+  out = mkl_dots.mkl_flat_dot_general(x, w, dense_dims)
+  assert calls == [(6, 4)] and out.shape == (2, 3, 5)
+  np.testing.assert_allclose(out, np.einsum('btk,kn->btn', x, w), rtol=1e-5)
+  calls.clear()
+  mkl_dots.mkl_flat_dot_general(x.astype(jnp.bfloat16),
+                                w.astype(jnp.bfloat16), dense_dims)
+  batched = rng.standard_normal((2, 4, 5), np.float32)
+  mkl_dots.mkl_flat_dot_general(x, batched, (((2,), (1,)), ((0,), (0,))))
+  assert not calls
