@@ -6,7 +6,13 @@ or fractions and turned into steps at run time (`reverse_sd.train`), so an
 override of the data size or batch size never leaves a stale step count.
 """
 
+from collections.abc import Sequence
+
 import ml_collections
+
+# The prepared real data sets (reverse_sd/data/build.py) the real-data
+# configs read.
+REAL_DATASETS = ('diffusiondb', 'image_folder')
 
 
 def get_base_config() -> ml_collections.ConfigDict:
@@ -177,3 +183,53 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.mesh.fsdp_min_size = 2**16
 
   return config
+
+
+def parse_arg(arg: str, keys: Sequence[str], source: str) -> dict[str, str]:
+  """'key=value,key=value' (a config file's argument) -> dict; `source`
+  names the config file in the errors."""
+  values = {}
+  for item in filter(None, (part.strip() for part in arg.split(','))):
+    if '=' not in item:
+      raise ValueError(f'{source}: {item!r} is not key=value; keys are '
+                       f'{tuple(keys)}.')
+    key, value = item.split('=', 1)
+    if key not in keys:
+      raise ValueError(f'{source}: unknown key {key!r}; keys are '
+                       f'{tuple(keys)}.')
+    values[key] = value
+  return values
+
+
+def real_dataset(values: dict[str, str], source: str) -> str:
+  """The `dataset` key of a real-data config (default 'diffusiondb')."""
+  dataset = values.get('dataset', 'diffusiondb')
+  if dataset not in REAL_DATASETS:
+    raise ValueError(f'{source}: dataset={dataset!r}; expected one of '
+                     f'{REAL_DATASETS}.')
+  return dataset
+
+
+def set_real_data(data: ml_collections.ConfigDict, values: dict[str, str],
+                  dataset: str) -> None:
+  """Points `data` at a prepared real data set (`dataset`: one of
+  REAL_DATASETS) with the build options the real-data configs share:
+  centre-cropped PNGs, 2% validation and 2% test, deduplicated images.
+  The caller sets the stored and input sizes."""
+  data.name = dataset
+  data.data_dir = values.get('data_dir', '')
+  data.manual_dir = values.get('manual_dir', '')
+  if dataset == 'diffusiondb':
+    data.collection = values.get('collection', '2m')
+    data.parts = values.get('parts', '1-10')
+    data.max_image_nsfw = -1.0  # < 0: no filter.
+    data.max_prompt_nsfw = -1.0
+  else:
+    data.prompts = values.get('prompts', '')  # '': prompts.csv or .jsonl.
+  data.resize_mode = 'center_crop'
+  data.image_format = 'png'  # 'jpeg' stores 2M images in ~40 GB, not ~250.
+  data.num_workers = 4  # Decode threads of the build.
+  data.validation_fraction = 0.02
+  data.test_fraction = 0.02
+  data.split_seed = 0
+  data.dedup = True

@@ -33,26 +33,11 @@ _VARIANTS = ('B/16', 'L/14', 'H/14')
 _MODES = ('mlp', 'finetune')
 _KEYS = ('variant', 'mode', 'data_dir', 'manual_dir', 'weights', 'parts',
          'collection', 'dataset', 'prompts', 'tiny')
-_DATASETS = ('diffusiondb', 'image_folder')
-
-
-def _parse(arg: str) -> dict[str, str]:
-  values = {}
-  for item in filter(None, (part.strip() for part in arg.split(','))):
-    if '=' not in item:
-      raise ValueError(f'configs/diffusiondb_clip.py: {item!r} is not '
-                       f'key=value; keys are {_KEYS}.')
-    key, value = item.split('=', 1)
-    if key not in _KEYS:
-      raise ValueError(f'configs/diffusiondb_clip.py: unknown key {key!r}; '
-                       f'keys are {_KEYS}.')
-    values[key] = value
-  return values
 
 
 def get_config(arg: str = '') -> ml_collections.ConfigDict:
   """DiffusionDB + pretrained CLIP config for `arg` (see the module doc)."""
-  values = _parse(arg)
+  values = common.parse_arg(arg, _KEYS, 'configs/diffusiondb_clip.py')
   variant = values.get('variant', 'L/14')
   mode = values.get('mode', 'mlp')
   tiny = values.get('tiny', '0') == '1'
@@ -63,31 +48,12 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
     raise ValueError(f'configs/diffusiondb_clip.py: mode={mode!r}; expected '
                      f'one of {_MODES}.')
 
-  dataset = values.get('dataset', 'diffusiondb')
-  if dataset not in _DATASETS:
-    raise ValueError(f'configs/diffusiondb_clip.py: dataset={dataset!r}; '
-                     f'expected one of {_DATASETS}.')
+  dataset = common.real_dataset(values, 'configs/diffusiondb_clip.py')
 
   config = common.get_base_config()
   data = config.data
-  data.name = dataset
-  data.data_dir = values.get('data_dir', '')
-  data.manual_dir = values.get('manual_dir', '')
-  if dataset == 'diffusiondb':
-    data.collection = values.get('collection', '2m')
-    data.parts = values.get('parts', '1-10')
-    data.max_image_nsfw = -1.0  # < 0: no filter.
-    data.max_prompt_nsfw = -1.0
-  else:
-    data.prompts = values.get('prompts', '')  # '': prompts.csv or .jsonl.
+  common.set_real_data(data, values, dataset)
   data.image_size = 256  # Stored size; the model's input is input_size.
-  data.resize_mode = 'center_crop'
-  data.image_format = 'png'  # 'jpeg' stores 2M images in ~40 GB, not ~250.
-  data.num_workers = 4  # Decode threads of the build.
-  data.validation_fraction = 0.02
-  data.test_fraction = 0.02
-  data.split_seed = 0
-  data.dedup = True
   # CLIP preprocessing at read time: shorter side to input_size, centre crop.
   data.input_size = 224
 

@@ -47,25 +47,10 @@ from configs import common
 _SD_VARIANTS = {'1.5': 'sd1.5', '2.1': 'sd2.1'}
 _KEYS = ('sd', 'weights', 'context', 'size', 'data_dir', 'manual_dir',
          'parts', 'collection', 'dataset', 'prompts', 'tiny')
-_DATASETS = ('diffusiondb', 'image_folder')
 _TINY_SD = pathlib.Path(__file__).resolve().parent.parent / (
     'tests/golden/tiny_sd')
 # VAE (8) x U-Net (8) downsampling of SD 1.x / 2.x.
 _SIZE_MULTIPLE = 64
-
-
-def _parse(arg: str) -> dict[str, str]:
-  values = {}
-  for item in filter(None, (part.strip() for part in arg.split(','))):
-    if '=' not in item:
-      raise ValueError(f'configs/diffusiondb_unet.py: {item!r} is not '
-                       f'key=value; keys are {_KEYS}.')
-    key, value = item.split('=', 1)
-    if key not in _KEYS:
-      raise ValueError(f'configs/diffusiondb_unet.py: unknown key {key!r}; '
-                       f'keys are {_KEYS}.')
-    values[key] = value
-  return values
 
 
 def _set_context(model: ml_collections.ConfigDict, context: str) -> None:
@@ -78,16 +63,13 @@ def _set_context(model: ml_collections.ConfigDict, context: str) -> None:
 
 def get_config(arg: str = '') -> ml_collections.ConfigDict:
   """DiffusionDB + white-box SD U-Net config for `arg` (see the module doc)."""
-  values = _parse(arg)
+  values = common.parse_arg(arg, _KEYS, 'configs/diffusiondb_unet.py')
   sd = values.get('sd', '1.5')
   tiny = values.get('tiny', '0') == '1'
   if sd not in _SD_VARIANTS:
     raise ValueError(f'configs/diffusiondb_unet.py: sd={sd!r}; expected one '
                      f'of {tuple(_SD_VARIANTS)}.')
-  dataset = values.get('dataset', 'diffusiondb')
-  if dataset not in _DATASETS:
-    raise ValueError(f'configs/diffusiondb_unet.py: dataset={dataset!r}; '
-                     f'expected one of {_DATASETS}.')
+  dataset = common.real_dataset(values, 'configs/diffusiondb_unet.py')
   size = int(values.get('size', '256'))
   if size % _SIZE_MULTIPLE and not tiny:
     raise ValueError(f'configs/diffusiondb_unet.py: size={size} is not a '
@@ -95,24 +77,8 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
 
   config = common.get_base_config()
   data = config.data
-  data.name = dataset
-  data.data_dir = values.get('data_dir', '')
-  data.manual_dir = values.get('manual_dir', '')
-  if dataset == 'diffusiondb':
-    data.collection = values.get('collection', '2m')
-    data.parts = values.get('parts', '1-10')
-    data.max_image_nsfw = -1.0  # < 0: no filter.
-    data.max_prompt_nsfw = -1.0
-  else:
-    data.prompts = values.get('prompts', '')  # '': prompts.csv or .jsonl.
+  common.set_real_data(data, values, dataset)
   data.image_size = size  # Stored size, fed as stored (input_size 0).
-  data.resize_mode = 'center_crop'
-  data.image_format = 'png'
-  data.num_workers = 4  # Decode threads of the build.
-  data.validation_fraction = 0.02
-  data.test_fraction = 0.02
-  data.split_seed = 0
-  data.dedup = True
   data.input_size = 0
 
   model = config.model

@@ -74,20 +74,9 @@ train=(srun "--ntasks-per-node=${gpus}"
        env TF_CPP_MIN_LOG_LEVEL=2
        .venv/bin/python -m reverse_sd.main "${main_args[@]}")
 
-# The words of a command as one line that a shell reads back the same.
-shell_line() {
-  local word line=""
-  for word in "$@"; do
-    if [[ "${word}" =~ ^[A-Za-z0-9_./:=@%+,-]+$ ]]; then
-      line+=" ${word}"
-    elif [[ "${word}" =~ ^(--[A-Za-z0-9_.-]+=)(.*)$ ]]; then
-      line+=" ${BASH_REMATCH[1]}'${BASH_REMATCH[2]//\'/\'\\\'\'}'"
-    else
-      line+=" '${word//\'/\'\\\'\'}'"
-    fi
-  done
-  printf '%s\n' "${line# }"
-}
+# shell_line: a command's words as one line a shell reads back the same.
+# shellcheck source=launch/shell_line.sh
+source launch/shell_line.sh
 
 if [[ "${dry_run}" == 1 ]]; then
   echo "cd $(pwd)"

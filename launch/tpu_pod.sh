@@ -74,20 +74,9 @@ if [[ -n "${project}" ]]; then
 fi
 command+=(--worker=all "--command=${remote}")
 
-# The words of a command as one line that a shell reads back the same.
-shell_line() {
-  local word line=""
-  for word in "$@"; do
-    if [[ "${word}" =~ ^[A-Za-z0-9_./:=@%+,-]+$ ]]; then
-      line+=" ${word}"
-    elif [[ "${word}" =~ ^(--[A-Za-z0-9_.-]+=)(.*)$ ]]; then
-      line+=" ${BASH_REMATCH[1]}'${BASH_REMATCH[2]//\'/\'\\\'\'}'"
-    else
-      line+=" '${word//\'/\'\\\'\'}'"
-    fi
-  done
-  printf '%s\n' "${line# }"
-}
+# shell_line: a command's words as one line a shell reads back the same.
+# shellcheck source=launch/shell_line.sh
+source launch/shell_line.sh
 
 if [[ "${dry_run}" == 1 ]]; then
   shell_line "${command[@]}"

@@ -4,10 +4,10 @@ import json
 import os
 import shutil
 
-from absl import flags
 import numpy as np
 import pytest
 
+import built_data
 import fake_assets
 from reverse_sd.data import build
 from reverse_sd.data import build_common
@@ -30,28 +30,6 @@ def built(fake, tmp_path_factory):
                            parts='1-4', **OPTIONS)
 
 
-def run_cli(argv):
-  """Runs `python -m reverse_sd.data.build ARGV...` in this process."""
-  try:
-    build.main(flags.FLAGS(argv))
-  finally:
-    flags.FLAGS.unparse_flags()
-
-
-def _rows(builder, split):
-  source = builder.as_data_source(split)
-  return source.__getitems__(list(range(len(source))))
-
-
-def _text(value):
-  return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def _ids_by_split(builder):
-  return {split: [_text(row['id']) for row in _rows(builder, split)]
-          for split in builder.info.splits}
-
-
 def _report(builder):
   return build_common.read_report(builder)
 
@@ -67,27 +45,27 @@ def _skipped_ids(report):
 
 
 def test_builds_every_good_image_with_its_features(built, fake):
-  ids = _ids_by_split(built)
+  ids = built_data.ids_by_split(built)
   assert set(ids) == {'train', 'validation', 'test'}
   all_ids = [i for split_ids in ids.values() for i in split_ids]
   assert len(all_ids) == len(set(all_ids))
   assert sorted(all_ids) == sorted(fake.good_ids)
   for split in ids:
-    for row in _rows(built, split):
+    for row in built_data.rows(built, split):
       assert row['image'].shape == (SIZE, SIZE, 3)
       assert row['image'].dtype == np.uint8
-      row_id = _text(row['id'])
-      assert _text(row['prompt']) == fake.good_ids[row_id]
+      row_id = built_data.text(row['id'])
+      assert built_data.text(row['prompt']) == fake.good_ids[row_id]
       assert int(row['part']) == int(row_id[5:11])
-      assert int(row['steps']) == 50 and _text(row['sampler']) == 'k_lms'
+      assert int(row['steps']) == 50 and built_data.text(row['sampler']) == 'k_lms'
       assert float(row['cfg']) == 7.0 and int(row['seed']) >= 0
 
 
 def test_no_prompt_is_in_two_splits(built):
   split_of_prompt = {}
   for split in built.info.splits:
-    for row in _rows(built, split):
-      prompt = build_common.normalise_prompt(_text(row['prompt']))
+    for row in built_data.rows(built, split):
+      prompt = build_common.normalise_prompt(built_data.text(row['prompt']))
       assert split_of_prompt.setdefault(prompt, split) == split, prompt
   shared = build_common.normalise_prompt(fake_assets.SHARED_PROMPT)
   assert shared in split_of_prompt  # Its 4 images (2 parts) in one split.
@@ -122,14 +100,14 @@ def test_builds_are_deterministic_and_splits_ignore_part_selection(
     built, fake, tmp_path):
   again = diffusiondb.build(tmp_path / 'again', fake.root, parts='1-4',
                             num_workers=2, **OPTIONS)
-  assert _ids_by_split(again) == _ids_by_split(built)
+  assert built_data.ids_by_split(again) == built_data.ids_by_split(built)
   for split in built.info.splits:
-    for first, second in zip(_rows(built, split), _rows(again, split)):
+    for first, second in zip(built_data.rows(built, split), built_data.rows(again, split)):
       np.testing.assert_array_equal(first['image'], second['image'])
-  split_of = {i: s for s, ids in _ids_by_split(built).items() for i in ids}
+  split_of = {i: s for s, ids in built_data.ids_by_split(built).items() for i in ids}
   only_part_3 = diffusiondb.build(tmp_path / 'p3', fake.root, parts='3',
                                   **OPTIONS)
-  part_3_ids = _ids_by_split(only_part_3)
+  part_3_ids = built_data.ids_by_split(only_part_3)
   assert {i for ids in part_3_ids.values() for i in ids} == {
       i for i in fake.good_ids if i.startswith('part-000003/')}
   for split, ids in part_3_ids.items():
@@ -138,7 +116,7 @@ def test_builds_are_deterministic_and_splits_ignore_part_selection(
 
 def test_parts_selection_and_names(fake, tmp_path):
   builder = diffusiondb.build(tmp_path, fake.root, parts='1,3', **OPTIONS)
-  ids = {i for ids in _ids_by_split(builder).values() for i in ids}
+  ids = {i for ids in built_data.ids_by_split(builder).values() for i in ids}
   assert {i[:11] for i in ids} == {'part-000001', 'part-000003'}
   assert builder.builder_config.name.startswith('2m_p1+3_32px_crop_png_')
   assert diffusiondb.parse_parts('1,5,7-9') == (1, 5, 7, 8, 9)
@@ -180,7 +158,7 @@ def test_nsfw_filters_use_the_metadata_scores(built, fake, tmp_path):
   builder = diffusiondb.build(tmp_path, fake.root, parts='1-3',
                               max_image_nsfw=0.5, max_prompt_nsfw=0.5,
                               **OPTIONS)
-  ids = {i for ids in _ids_by_split(builder).values() for i in ids}
+  ids = {i for ids in built_data.ids_by_split(builder).values() for i in ids}
   dropped = {fake.notes['image_nsfw_id'], fake.notes['image_nsfw_flagged_id'],
              fake.notes['prompt_nsfw_id']}
   assert ids == set(fake.good_ids) - dropped
@@ -202,7 +180,7 @@ def test_both_resize_modes_store_fixed_squares(fake, tmp_path, mode):
   builder = diffusiondb.build(tmp_path, fake.root, parts='3',
                               resize_mode=mode, **OPTIONS)
   for split in builder.info.splits:
-    for row in _rows(builder, split):
+    for row in built_data.rows(builder, split):
       assert row['image'].shape == (SIZE, SIZE, 3)
       # 48x40 -> 32x27 padded: two black rows on top in keep_aspect mode.
       assert (not row['image'][:2].any()) == (mode == 'keep_aspect')
@@ -211,7 +189,7 @@ def test_both_resize_modes_store_fixed_squares(fake, tmp_path, mode):
 def test_large_collection_reads_webp_parts(fake, tmp_path):
   builder = diffusiondb.build(tmp_path, fake.root, collection='large',
                               **OPTIONS)
-  ids = {i for ids in _ids_by_split(builder).values() for i in ids}
+  ids = {i for ids in built_data.ids_by_split(builder).values() for i in ids}
   assert ids == set(fake.notes['large'].good_ids)
   assert all(i.endswith('.webp') for i in ids)
   assert builder.builder_config.name.startswith('large_p1+10001_')
@@ -223,7 +201,7 @@ def test_dedup_off_keeps_the_byte_copy(fake, tmp_path):
                               **OPTIONS)
   report = _report(builder)
   assert 'duplicate_image' not in report['skipped_counts']
-  kept = {i for ids in _ids_by_split(builder).values() for i in ids}
+  kept = {i for ids in built_data.ids_by_split(builder).values() for i in ids}
   assert len(kept - set(fake.good_ids)) == 1
 
 
@@ -283,7 +261,7 @@ def test_an_interrupted_build_does_not_block_the_next(fake, tmp_path,
 
 
 def test_cli_prints_the_summary_and_report_path(fake, tmp_path, capsys):
-  run_cli(['build', 'diffusiondb', f'--manual_dir={fake.root}',
+  built_data.run_cli(['build', 'diffusiondb', f'--manual_dir={fake.root}',
            f'--data_dir={tmp_path}', '--parts=3', f'--image_size={SIZE}'])
   out = capsys.readouterr().out
   assert 'examples (train' in out

@@ -2,10 +2,10 @@
 
 import os
 
-from absl import flags
 import numpy as np
 import pytest
 
+import built_data
 import fake_assets
 from reverse_sd.data import build
 from reverse_sd.data import build_common
@@ -32,30 +32,8 @@ def built_csv(kaggle, tmp_path_factory):
                             **OPTIONS)
 
 
-def run_cli(argv):
-  """Runs `python -m reverse_sd.data.build ARGV...` in this process."""
-  try:
-    build.main(flags.FLAGS(argv))
-  finally:
-    flags.FLAGS.unparse_flags()
-
-
-def _rows(builder, split):
-  source = builder.as_data_source(split)
-  return source.__getitems__(list(range(len(source))))
-
-
-def _text(value):
-  return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def _ids_by_split(builder):
-  return {split: [_text(row['id']) for row in _rows(builder, split)]
-          for split in builder.info.splits}
-
-
 def _all_ids(builder):
-  return [i for ids in _ids_by_split(builder).values() for i in ids]
+  return [i for ids in built_data.ids_by_split(builder).values() for i in ids]
 
 
 def _check_counts(report, fake):
@@ -69,9 +47,9 @@ def test_csv_folder_builds_with_images_of_any_extension(built_csv, kaggle):
   assert sorted(_all_ids(built_csv)) == sorted(kaggle.good_ids)
   assert set(built_csv.info.splits) == {'train', 'validation', 'test'}
   for split in built_csv.info.splits:
-    for row in _rows(built_csv, split):
+    for row in built_data.rows(built_csv, split):
       assert row['image'].shape == (SIZE, SIZE, 3)
-      assert _text(row['prompt']) == kaggle.good_ids[_text(row['id'])]
+      assert built_data.text(row['prompt']) == kaggle.good_ids[built_data.text(row['id'])]
   assert built_csv.builder_config.name.startswith('prompts-')
 
 
@@ -94,16 +72,16 @@ def test_csv_report_names_each_skipped_item(built_csv, kaggle):
 def test_no_prompt_is_in_two_splits(built_csv):
   split_of_prompt = {}
   for split in built_csv.info.splits:
-    for row in _rows(built_csv, split):
-      prompt = build_common.normalise_prompt(_text(row['prompt']))
+    for row in built_data.rows(built_csv, split):
+      prompt = build_common.normalise_prompt(built_data.text(row['prompt']))
       assert split_of_prompt.setdefault(prompt, split) == split, prompt
 
 
 def test_builds_are_deterministic(built_csv, kaggle, tmp_path):
   again = image_folder.build(tmp_path, kaggle.root, num_workers=2, **OPTIONS)
-  assert _ids_by_split(again) == _ids_by_split(built_csv)
+  assert built_data.ids_by_split(again) == built_data.ids_by_split(built_csv)
   for split in built_csv.info.splits:
-    for first, second in zip(_rows(built_csv, split), _rows(again, split)):
+    for first, second in zip(built_data.rows(built_csv, split), built_data.rows(again, split)):
       np.testing.assert_array_equal(first['image'], second['image'])
 
 
@@ -121,7 +99,7 @@ def test_jsonl_list_with_relative_and_absolute_paths(jsonl, tmp_path):
     found[key] = item['reason']
   assert found == jsonl.skipped
   for split in builder.info.splits:
-    for row in _rows(builder, split):
+    for row in built_data.rows(builder, split):
       assert row['image'].shape == (SIZE, SIZE, 3)
       assert not row['image'][:2].any()  # keep_aspect pads 48x40 with black.
 
@@ -160,7 +138,7 @@ def test_missing_folder_or_list_is_a_clear_error(tmp_path):
 
 
 def test_cli_and_python_entry(kaggle, tmp_path, capsys):
-  run_cli(['build', 'image_folder', f'--manual_dir={kaggle.root}',
+  built_data.run_cli(['build', 'image_folder', f'--manual_dir={kaggle.root}',
            f'--data_dir={tmp_path}', f'--image_size={SIZE}',
            '--prompts=prompts.csv'])
   out = capsys.readouterr().out

@@ -27,18 +27,8 @@ IGNORED = (
 )
 
 
-def _layer_norm(source: str, target: str) -> list[core.Rule]:
-  return [
-      core.Rule(f'{source}.weight', f'{target}/scale'),
-      core.Rule(f'{source}.bias', f'{target}/bias'),
-  ]
-
-
-def _dense(source: str, target: str) -> list[core.Rule]:
-  return [
-      core.Rule(f'{source}.weight', f'{target}/kernel', core.transpose),
-      core.Rule(f'{source}.bias', f'{target}/bias'),
-  ]
+_layer_norm = core.layer_norm_rules
+_dense = core.dense_rules
 
 
 def bert_rules(num_layers: int) -> list[core.Rule]:

@@ -80,6 +80,50 @@ _DEFAULTS = {'image_size': 224, 'hidden_act': 'quick_gelu',
 # --- config.json --------------------------------------------------------------
 
 
+def find_tower_config(config_json: Any, tower: str, *,
+                      model_types: Sequence[str],
+                      required_keys: Sequence[str], source_name: str
+                      ) -> tuple[Mapping[str, Any], str, Any, list[str]]:
+  """Finds one tower's config in a Hugging Face CLIP `config.json`.
+
+  A full `CLIPModel` config has it under `{tower}_config`; a tower-only one
+  (e.g. `CLIPVisionModel`, `CLIPTextModel`) at the top level.
+
+  Args:
+    config_json: the parsed config.json.
+    tower: 'vision' or 'text'.
+    model_types: the accepted `model_type`s (the tower's, else the top
+      level's; a config without one is accepted).
+    required_keys: keys the tower's config must spell out.
+    source_name: file name for error messages.
+
+  Returns:
+    (tower config, where it is: '{tower}_config' or 'the top level',
+    model_type or None, the missing `required_keys`).
+
+  Raises:
+    ValueError: the JSON or the tower config is not an object, or model_type
+      is not one of `model_types` (names the missing keys too).
+  """
+  if not isinstance(config_json, Mapping):
+    raise ValueError(f'{source_name}: expected a JSON object, got '
+                     f'{type(config_json).__name__}.')
+  key = f'{tower}_config'
+  config = config_json.get(key, config_json)
+  if not isinstance(config, Mapping):
+    raise ValueError(f'{source_name}: {key} is {type(config).__name__}, '
+                     'expected a JSON object.')
+  where = key if config is not config_json else 'the top level'
+  model_type = config.get('model_type', config_json.get('model_type'))
+  missing = [k for k in required_keys if k not in config]
+  if model_type is not None and model_type not in model_types:
+    raise ValueError(
+        f'{source_name}: model_type {model_type!r} is not a CLIP {tower} model '
+        f'(expected one of {list(model_types)})' +
+        (f'; missing keys {missing} at {where}' if missing else '') + '.')
+  return config, where, model_type, missing
+
+
 def vit_config_from_hf(config_json: Mapping[str, Any], *,
                        source_name: str = CONFIG_FILE) -> vit.ViTConfig:
   """Reads the vision tower's shape from a Hugging Face CLIP `config.json`.
@@ -101,21 +145,9 @@ def vit_config_from_hf(config_json: Mapping[str, Any], *,
     ValueError: not a CLIP config (names the file, `model_type` and the
       missing keys), or an unsupported activation / channel count.
   """
-  if not isinstance(config_json, Mapping):
-    raise ValueError(f'{source_name}: expected a JSON object, got '
-                     f'{type(config_json).__name__}.')
-  vision = config_json.get('vision_config', config_json)
-  if not isinstance(vision, Mapping):
-    raise ValueError(f'{source_name}: vision_config is '
-                     f'{type(vision).__name__}, expected a JSON object.')
-  where = 'vision_config' if vision is not config_json else 'the top level'
-  model_type = vision.get('model_type', config_json.get('model_type'))
-  missing = [key for key in _REQUIRED_KEYS if key not in vision]
-  if model_type is not None and model_type not in _CLIP_MODEL_TYPES:
-    raise ValueError(
-        f'{source_name}: model_type {model_type!r} is not a CLIP vision model '
-        f'(expected one of {list(_CLIP_MODEL_TYPES)})' +
-        (f'; missing keys {missing} at {where}' if missing else '') + '.')
+  vision, where, model_type, missing = find_tower_config(
+      config_json, 'vision', model_types=_CLIP_MODEL_TYPES,
+      required_keys=_REQUIRED_KEYS, source_name=source_name)
   if missing:
     raise ValueError(
         f'{source_name}: not a CLIP vision config: missing keys {missing} at '
@@ -245,18 +277,8 @@ def _resize_to(grid: tuple[int, int],
 # --- Mapping table ------------------------------------------------------------
 
 
-def _layer_norm(source: str, target: str) -> list[core.Rule]:
-  return [
-      core.Rule(f'{source}.weight', f'{target}/scale'),
-      core.Rule(f'{source}.bias', f'{target}/bias'),
-  ]
-
-
-def _dense(source: str, target: str) -> list[core.Rule]:
-  return [
-      core.Rule(f'{source}.weight', f'{target}/kernel', core.transpose),
-      core.Rule(f'{source}.bias', f'{target}/bias'),
-  ]
+_layer_norm = core.layer_norm_rules
+_dense = core.dense_rules
 
 
 def clip_vision_rules(num_layers: int, with_projection: bool, *,

@@ -79,21 +79,9 @@ def text_config_from_hf(config_json: Mapping[str, Any], *,
     ValueError: not a CLIP text config (names the file, `model_type` and the
       missing keys), or an unsupported activation.
   """
-  if not isinstance(config_json, Mapping):
-    raise ValueError(f'{source_name}: expected a JSON object, got '
-                     f'{type(config_json).__name__}.')
-  text = config_json.get('text_config', config_json)
-  if not isinstance(text, Mapping):
-    raise ValueError(f'{source_name}: text_config is '
-                     f'{type(text).__name__}, expected a JSON object.')
-  where = 'text_config' if text is not config_json else 'the top level'
-  model_type = text.get('model_type', config_json.get('model_type'))
-  missing = [key for key in _REQUIRED_KEYS if key not in text]
-  if model_type is not None and model_type not in _CLIP_MODEL_TYPES:
-    raise ValueError(
-        f'{source_name}: model_type {model_type!r} is not a CLIP text model '
-        f'(expected one of {list(_CLIP_MODEL_TYPES)})' +
-        (f'; missing keys {missing} at {where}' if missing else '') + '.')
+  text, where, _, missing = clip_convert.find_tower_config(
+      config_json, 'text', model_types=_CLIP_MODEL_TYPES,
+      required_keys=_REQUIRED_KEYS, source_name=source_name)
   if missing:
     raise ValueError(f'{source_name}: missing keys {missing} at {where}; is '
                      'this the config.json of a CLIP text encoder?')
@@ -132,18 +120,8 @@ def read_config(model_dir: str | os.PathLike[str]
 # --- Mapping table ------------------------------------------------------------
 
 
-def _layer_norm(source: str, target: str) -> list[core.Rule]:
-  return [
-      core.Rule(f'{source}.weight', f'{target}/scale'),
-      core.Rule(f'{source}.bias', f'{target}/bias'),
-  ]
-
-
-def _dense(source: str, target: str) -> list[core.Rule]:
-  return [
-      core.Rule(f'{source}.weight', f'{target}/kernel', core.transpose),
-      core.Rule(f'{source}.bias', f'{target}/bias'),
-  ]
+_layer_norm = core.layer_norm_rules
+_dense = core.dense_rules
 
 
 def clip_text_rules(num_layers: int, *, tower_prefix: str = 'text_model.'

@@ -116,6 +116,29 @@ class Rule:
   transform: Transform = identity
 
 
+def layer_norm_rules(source: str, target: str) -> list[Rule]:
+  """Rules for a PyTorch LayerNorm (or GroupNorm) -> a Flax norm's params.
+
+  `{source}.weight` -> `{target}/scale`, `{source}.bias` -> `{target}/bias`.
+  """
+  return [
+      Rule(f'{source}.weight', f'{target}/scale'),
+      Rule(f'{source}.bias', f'{target}/bias'),
+  ]
+
+
+def dense_rules(source: str, target: str) -> list[Rule]:
+  """Rules for a PyTorch `nn.Linear` -> a Flax `nn.Dense`'s params.
+
+  `{source}.weight` -> `{target}/kernel`, transposed ([out, in] -> [in, out]);
+  `{source}.bias` -> `{target}/bias`.
+  """
+  return [
+      Rule(f'{source}.weight', f'{target}/kernel', transpose),
+      Rule(f'{source}.bias', f'{target}/bias'),
+  ]
+
+
 def load_safetensors(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
   """Reads a safetensors file into a flat dict of numpy arrays (no pickle).
 

@@ -227,6 +227,9 @@ def _read_json(path: pathlib.Path) -> Any:
 # --- Tables -------------------------------------------------------------------
 
 
+_norm = core.layer_norm_rules
+
+
 def _conv(source: str, target: str) -> list[core.Rule]:
   return [core.Rule(f'{source}.weight', f'{target}/kernel', core.conv_kernel),
           core.Rule(f'{source}.bias', f'{target}/bias')]
@@ -238,11 +241,6 @@ def _dense(source: str, target: str, bias: bool = True,
   if bias:
     rules.append(core.Rule(f'{source}.bias', f'{target}/bias'))
   return rules
-
-
-def _norm(source: str, target: str) -> list[core.Rule]:
-  return [core.Rule(f'{source}.weight', f'{target}/scale'),
-          core.Rule(f'{source}.bias', f'{target}/bias')]
 
 
 def conv1x1_to_dense(x: np.ndarray) -> np.ndarray:

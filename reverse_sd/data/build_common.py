@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 import collections
 import concurrent.futures
 import dataclasses
+import functools
 import hashlib
 import inspect
 import itertools
@@ -39,6 +40,7 @@ from tensorflow_datasets.core import constants as tfds_constants
 from tensorflow_datasets.core.utils import tqdm_utils
 
 from reverse_sd.data import preprocess
+from reverse_sd.data import synthetic
 from reverse_sd.data.synthetic import BrokenBuildError
 
 SPLITS: tuple[str, ...] = ('train', 'validation', 'test')
@@ -615,48 +617,20 @@ def _broken(path, problem: str, variant_dir) -> BrokenBuildError:
       'folder and build again; nothing was deleted.')
 
 
-def _num_records(path: str) -> int:
-  # pylint: disable-next=g-import-not-at-top
-  from array_record.python import array_record_module
-  reader = array_record_module.ArrayRecordReader(path)
-  try:
-    return reader.num_records()
-  finally:
-    reader.close()
-
-
 def check_build(builder: tfds.core.DatasetBuilder) -> None:
   """Raises BrokenBuildError unless the report and every shard are sound.
 
   Cheap: reads file footers, not records.
   """
   variant_dir = os.fspath(builder.data_path)
+  broken = functools.partial(_broken, variant_dir=variant_dir)
   for name in ('dataset_info.json', REPORT_NAME):
-    path = os.path.join(variant_dir, name)
-    if not os.path.exists(path):
-      raise _broken(path, 'is missing', variant_dir)
-    try:
-      with open(path, encoding='utf-8') as f:
-        json.load(f)
-    except ValueError as error:
-      raise _broken(path, f'is not valid JSON ({error})',
-                    variant_dir) from error
+    synthetic.check_json_file(os.path.join(variant_dir, name), broken)
   if not builder.info.splits:
-    raise _broken(os.path.join(variant_dir, 'dataset_info.json'),
-                  'lists no splits', variant_dir)
+    raise broken(os.path.join(variant_dir, 'dataset_info.json'),
+                 'lists no splits')
   for split_info in builder.info.splits.values():
-    for path, expected in zip(split_info.filepaths, split_info.shard_lengths):
-      path = os.fspath(path)
-      if not os.path.exists(path):
-        raise _broken(path, 'is missing', variant_dir)
-      try:
-        found = _num_records(path)
-      except Exception as error:  # pylint: disable=broad-except
-        raise _broken(path, f'cannot be read as array_record ({error})',
-                      variant_dir) from error
-      if found != expected:
-        raise _broken(path, f'holds {found} records, not {expected}',
-                      variant_dir)
+    synthetic.check_shards(split_info, broken)
 
 
 def prepare(builder: PromptImageBuilder, manual_dir: epath.Path, *,

@@ -17,8 +17,9 @@ of a split is example i (`id` 'train/00000012' is record 12).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 import dataclasses
+import functools
 import json
 import os
 import tempfile
@@ -219,6 +220,34 @@ def _num_records(path: str) -> int:
     reader.close()
 
 
+def check_json_file(path: str, broken: Callable[[str, str], Exception]
+                    ) -> None:
+  """Raises `broken(path, problem)` unless the file exists and is JSON."""
+  if not os.path.exists(path):
+    raise broken(path, 'is missing')
+  try:
+    with open(path, encoding='utf-8') as f:
+      json.load(f)
+  except ValueError as error:
+    raise broken(path, f'is not valid JSON ({error})') from error
+
+
+def check_shards(split_info: tfds.core.SplitInfo,
+                 broken: Callable[[str, str], Exception]) -> None:
+  """Raises `broken(path, problem)` unless every shard of the split exists
+  and holds as many records as dataset_info.json says (reads footers)."""
+  for path, expected in zip(split_info.filepaths, split_info.shard_lengths):
+    path = os.fspath(path)
+    if not os.path.exists(path):
+      raise broken(path, 'is missing')
+    try:
+      found = _num_records(path)
+    except Exception as error:  # pylint: disable=broad-except
+      raise broken(path, f'cannot be read as array_record ({error})') from error
+    if found != expected:
+      raise broken(path, f'holds {found} records, not {expected}')
+
+
 def check_build(builder: SyntheticPrompts) -> None:
   """Raises BrokenBuildError unless every shard opens with the right size.
 
@@ -228,14 +257,8 @@ def check_build(builder: SyntheticPrompts) -> None:
   """
   variant_dir = os.fspath(builder.data_path)
   info_path = os.path.join(variant_dir, 'dataset_info.json')
-  if not os.path.exists(info_path):
-    raise _broken(info_path, 'is missing', variant_dir)
-  try:
-    with open(info_path) as f:
-      json.load(f)
-  except ValueError as error:
-    raise _broken(info_path, f'is not valid JSON ({error})',
-                  variant_dir) from error
+  broken = functools.partial(_broken, variant_dir=variant_dir)
+  check_json_file(info_path, broken)
   config = builder.builder_config
   for split in SPLITS:
     if split not in builder.info.splits:
@@ -245,18 +268,7 @@ def check_build(builder: SyntheticPrompts) -> None:
       raise _broken(info_path, f'gives {split} {split_info.num_examples} '
                     f'examples, not {config.num_examples(split)}',
                     variant_dir)
-    for path, expected in zip(split_info.filepaths, split_info.shard_lengths):
-      path = os.fspath(path)
-      if not os.path.exists(path):
-        raise _broken(path, 'is missing', variant_dir)
-      try:
-        found = _num_records(path)
-      except Exception as error:  # pylint: disable=broad-except
-        raise _broken(path, f'cannot be read as array_record ({error})',
-                      variant_dir) from error
-      if found != expected:
-        raise _broken(path, f'holds {found} records, not {expected}',
-                      variant_dir)
+    check_shards(split_info, broken)
 
 
 def build(data_dir: os.PathLike[str] | str, *, seed: int = 0,
