@@ -2,6 +2,7 @@ r"""A/B of Intel MKL's sgemm against XLA's dots in the ViT-B/16 step.
 
   bash benchmarks/mkl_dots.sh            # installs MKL aside, builds, runs
   bash benchmarks/mkl_dots.sh --quick    # smoke run, tiny shapes
+  bash benchmarks/mkl_dots.sh --against_torch   # train_step.py, ViT-B/16
 
 On the Xeon with AVX-512, XLA:CPU's float32 products reach 0.80-0.84x of
 PyTorch's on 2 threads (RESULTS.md, "Where ViT-B/16 stands"), and PyTorch's
@@ -13,6 +14,11 @@ Linear is MKL's sgemm. This script measures what MKL would give reverse_sd:
 2. The whole train and predict steps (`ab_step.py`'s A/B in one process),
    with `models/dense.py`'s `flat_dot_general` sending every float32 Dense
    product and both its gradients to MKL (B) or to XLA (A).
+
+With `--against_torch` it runs `train_step.py --cases=vit_b16` instead
+(JAX, PyTorch eager and torch.compile interleaved, as in RESULTS.md's main
+table) with the JAX workers' Dense products on MKL; further flags go to
+train_step.py. Writes benchmarks/results/train_step_mkl.json.
 
 MKL comes from `benchmarks/mkl_dots.sh`, which builds `mkl_dots.cc` against
 the `mkl` and `intel-openmp` wheels in a scratch environment; reverse_sd
@@ -40,6 +46,7 @@ import numpy as np
 
 from benchmarks import ab_step
 from benchmarks import common
+from benchmarks import train_step
 from reverse_sd.models import dense
 # pylint: enable=wrong-import-position
 
@@ -54,6 +61,9 @@ def register(library: str) -> None:
   if not os.path.isfile(library):
     raise SystemExit(f'mkl_dots: no library at {library!r}; build it with '
                      '`bash benchmarks/mkl_dots.sh`.')
+  # Read when Intel OpenMP starts: its threads sleep as soon as a product
+  # ends instead of spinning for 200 ms on the cores XLA's threads need.
+  os.environ.setdefault('KMP_BLOCKTIME', '0')
   try:
     handler = ctypes.CDLL(library).RsdMklMatmul
   except (OSError, AttributeError) as e:
@@ -138,16 +148,48 @@ def products(quick: bool, rounds: int, steps: int = 10) -> list[dict]:
   return rows
 
 
+def _against_torch(library: str, train_step_argv: list[str]) -> None:
+  """train_step.py on ViT-B/16 with its JAX workers running this file's
+  `--train_step_worker` (MKL registered and swapped in first)."""
+  def jax_command(worker: str, **flags) -> list[str]:
+    return [sys.executable, str(pathlib.Path(__file__).resolve()),
+            f'--library={library}', '--train_step_worker',
+            f'--worker={worker}'] + [f'--{k}={v}' for k, v in flags.items()]
+  train_step._jax_command = jax_command  # pylint: disable=protected-access
+  quick = '_quick' if '--quick' in train_step_argv else ''
+  train_step.main(['--cases=vit_b16',
+                   f'--output=benchmarks/results/train_step_mkl{quick}.json',
+                   *train_step_argv])
+
+
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.add_argument('--library', required=True,
                       help='the FFI library mkl_dots.sh builds')
-  parser.add_argument('--rounds', type=int, default=10,
-                      help="the step A/B's timed rounds")
+  parser.add_argument('--against_torch', action='store_true',
+                      help='run train_step.py on ViT-B/16 with MKL dots')
+  parser.add_argument('--train_step_worker', action='store_true',
+                      help=argparse.SUPPRESS)
+  parser.add_argument('--rounds', type=int, default=None,
+                      help="the step A/B's timed rounds (default 10); with "
+                      "--against_torch, train_step.py's (default 2)")
   parser.add_argument('--product_rounds', type=int, default=3)
   parser.add_argument('--quick', action='store_true')
   parser.add_argument('--output', default=None)
-  args = parser.parse_args(argv)
+  args, rest = parser.parse_known_args(argv)
+  if args.train_step_worker:  # One of train_step.py's JAX workers.
+    register(args.library)
+    dense.flat_dot_general = mkl_flat_dot_general
+    train_step._worker_main(  # pylint: disable=protected-access
+        train_step._parse_args(rest))  # pylint: disable=protected-access
+    return
+  if args.against_torch:
+    _against_torch(args.library, rest
+                   + ([f'--rounds={args.rounds}'] if args.rounds else [])
+                   + (['--quick'] if args.quick else []))
+    return
+  if rest:
+    parser.error(f'unrecognized arguments: {" ".join(rest)}')
   started = time.time()
   busy = common.warn_if_busy()
   register(args.library)
@@ -160,7 +202,7 @@ def main(argv=None) -> None:
 
   ab_step.CHANGES['mkl'] = (dense, 'flat_dot_general', mkl_flat_dot_general)
   ab_args = ab_step._parse_args(  # pylint: disable=protected-access
-      ['--change=mkl', f'--rounds={args.rounds}']
+      ['--change=mkl', f'--rounds={args.rounds or 10}']
       + (['--quick'] if args.quick else []))
   steps = ab_step.run(ab_args)
   for phase in ('train', 'infer'):

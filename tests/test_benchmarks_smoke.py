@@ -203,3 +203,21 @@ def test_mkl_dots_sends_only_float32_dense_products_to_mkl(monkeypatch):
   batched = rng.standard_normal((2, 4, 5), np.float32)
   mkl_dots.mkl_flat_dot_general(x, batched, (((2,), (1,)), ((0,), (0,))))
   assert not calls
+
+
+def test_mkl_dots_against_torch_runs_train_step_with_mkl_workers(
+    monkeypatch):
+  from benchmarks import mkl_dots  # pylint: disable=g-import-not-at-top
+  # Restored after the test: _against_torch replaces it.
+  monkeypatch.setattr(train_step, '_jax_command', train_step._jax_command)  # pylint: disable=protected-access
+  calls = []
+  monkeypatch.setattr(train_step, 'main', calls.append)
+  mkl_dots.main(['--library=/lib/mkl.so', '--against_torch', '--quick',
+                 '--rounds=1'])
+  assert calls == [['--cases=vit_b16',
+                    '--output=benchmarks/results/train_step_mkl_quick.json',
+                    '--rounds=1', '--quick']]
+  command = train_step._jax_command('jax', spec='{}')  # pylint: disable=protected-access
+  assert command[1].endswith('benchmarks/mkl_dots.py')
+  assert command[2:] == ['--library=/lib/mkl.so', '--train_step_worker',
+                         '--worker=jax', '--spec={}']
