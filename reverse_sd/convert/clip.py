@@ -281,6 +281,28 @@ _layer_norm = core.layer_norm_rules
 _dense = core.dense_rules
 
 
+def encoder_layer_rules(source: str, target: str) -> list[core.Rule]:
+  """The rules of one Hugging Face CLIP encoder layer (vision or text tower).
+
+  Args:
+    source: the layer's key prefix, e.g. 'vision_model.encoder.layers.0'.
+    target: the layer's param path, e.g. 'layers_0'.
+
+  Returns:
+    The rules for self_attn q/k/v/out_proj, layer_norm1/2 and mlp fc1/fc2.
+  """
+  return [
+      *_dense(f'{source}.self_attn.q_proj', f'{target}/self_attn/q_proj'),
+      *_dense(f'{source}.self_attn.k_proj', f'{target}/self_attn/k_proj'),
+      *_dense(f'{source}.self_attn.v_proj', f'{target}/self_attn/v_proj'),
+      *_dense(f'{source}.self_attn.out_proj', f'{target}/self_attn/out_proj'),
+      *_layer_norm(f'{source}.layer_norm1', f'{target}/layer_norm1'),
+      *_layer_norm(f'{source}.layer_norm2', f'{target}/layer_norm2'),
+      *_dense(f'{source}.mlp.fc1', f'{target}/fc1'),
+      *_dense(f'{source}.mlp.fc2', f'{target}/fc2'),
+  ]
+
+
 def clip_vision_rules(num_layers: int, with_projection: bool, *,
                       tower_prefix: str = 'vision_model.',
                       position_transform: core.Transform = core.identity
@@ -309,18 +331,7 @@ def clip_vision_rules(num_layers: int, with_projection: bool, *,
       *_layer_norm(f'{t}pre_layrnorm', 'pre_layrnorm'),
   ]
   for i in range(num_layers):
-    source, target = f'{t}encoder.layers.{i}', f'layers_{i}'
-    rules += [
-        *_dense(f'{source}.self_attn.q_proj', f'{target}/self_attn/q_proj'),
-        *_dense(f'{source}.self_attn.k_proj', f'{target}/self_attn/k_proj'),
-        *_dense(f'{source}.self_attn.v_proj', f'{target}/self_attn/v_proj'),
-        *_dense(f'{source}.self_attn.out_proj',
-                f'{target}/self_attn/out_proj'),
-        *_layer_norm(f'{source}.layer_norm1', f'{target}/layer_norm1'),
-        *_layer_norm(f'{source}.layer_norm2', f'{target}/layer_norm2'),
-        *_dense(f'{source}.mlp.fc1', f'{target}/fc1'),
-        *_dense(f'{source}.mlp.fc2', f'{target}/fc2'),
-    ]
+    rules += encoder_layer_rules(f'{t}encoder.layers.{i}', f'layers_{i}')
   rules += _layer_norm(f'{t}post_layernorm', 'post_layernorm')
   if with_projection:
     rules.append(core.Rule(PROJECTION_KEY, 'visual_projection/kernel',
@@ -346,6 +357,22 @@ def detect_prefixes(keys: Sequence[str], *,
   raise AssertionError(found)  # Unreachable: `found` is one of `candidates`.
 
 
+def checkpoint_tower(tensors: Mapping[str, np.ndarray], prefix: str,
+                     anchor: str) -> tuple[str, tuple[int, ...], int]:
+  """Returns (anchor key, its shape, number of encoder layers) of a tower.
+
+  Args:
+    tensors: the flat checkpoint.
+    prefix: the tower's key prefix (root and tower prefix).
+    anchor: the tower's anchor key relative to `prefix`; must be present.
+  """
+  key = prefix + anchor
+  layer_prefix = prefix + 'encoder.layers.'
+  num_layers = len({k[len(layer_prefix):].split('.')[0] for k in tensors
+                    if k.startswith(layer_prefix)})
+  return key, tuple(tensors[key].shape), num_layers
+
+
 def _tower_mismatch(tensors: Mapping[str, np.ndarray], prefix: str,
                     abstract_params: Mapping[str, Any],
                     num_layers: int) -> str | None:
@@ -355,11 +382,8 @@ def _tower_mismatch(tensors: Mapping[str, np.ndarray], prefix: str,
   embedding and layer keys) with the target, to head the per-key list of a
   checkpoint of another variant with one summary line.
   """
-  key = prefix + _ANCHOR
-  source_shape = tuple(tensors[key].shape)
-  layer_prefix = prefix + 'encoder.layers.'
-  source_layers = len({k[len(layer_prefix):].split('.')[0] for k in tensors
-                       if k.startswith(layer_prefix)})
+  key, source_shape, source_layers = checkpoint_tower(tensors, prefix,
+                                                      _ANCHOR)
   try:
     target_shape = tuple(abstract_params['patch_embedding']['kernel'].shape)
   except (KeyError, TypeError, AttributeError):

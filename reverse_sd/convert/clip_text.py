@@ -121,7 +121,6 @@ def read_config(model_dir: str | os.PathLike[str]
 
 
 _layer_norm = core.layer_norm_rules
-_dense = core.dense_rules
 
 
 def clip_text_rules(num_layers: int, *, tower_prefix: str = 'text_model.'
@@ -140,18 +139,8 @@ def clip_text_rules(num_layers: int, *, tower_prefix: str = 'text_model.'
                 'position_embedding'),
   ]
   for i in range(num_layers):
-    source, target = f'{t}encoder.layers.{i}', f'layers_{i}'
-    rules += [
-        *_dense(f'{source}.self_attn.q_proj', f'{target}/self_attn/q_proj'),
-        *_dense(f'{source}.self_attn.k_proj', f'{target}/self_attn/k_proj'),
-        *_dense(f'{source}.self_attn.v_proj', f'{target}/self_attn/v_proj'),
-        *_dense(f'{source}.self_attn.out_proj',
-                f'{target}/self_attn/out_proj'),
-        *_layer_norm(f'{source}.layer_norm1', f'{target}/layer_norm1'),
-        *_layer_norm(f'{source}.layer_norm2', f'{target}/layer_norm2'),
-        *_dense(f'{source}.mlp.fc1', f'{target}/fc1'),
-        *_dense(f'{source}.mlp.fc2', f'{target}/fc2'),
-    ]
+    rules += clip_convert.encoder_layer_rules(f'{t}encoder.layers.{i}',
+                                              f'layers_{i}')
   rules += _layer_norm(f'{t}final_layer_norm', 'final_layer_norm')
   return rules
 
@@ -167,11 +156,8 @@ def _tower_mismatch(tensors: Mapping[str, np.ndarray], prefix: str,
                     abstract: Mapping[str, Any],
                     num_layers: int) -> str | None:
   """One summary line when the checkpoint is another size of tower."""
-  key = prefix + _ANCHOR
-  source_shape = tuple(tensors[key].shape)
-  layer_prefix = prefix + 'encoder.layers.'
-  source_layers = len({k[len(layer_prefix):].split('.')[0] for k in tensors
-                       if k.startswith(layer_prefix)})
+  key, source_shape, source_layers = clip_convert.checkpoint_tower(
+      tensors, prefix, _ANCHOR)
   try:
     target_shape = tuple(abstract['token_embedding']['embedding'].shape)
   except (KeyError, TypeError, AttributeError):
