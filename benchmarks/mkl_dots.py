@@ -148,7 +148,8 @@ def products(quick: bool, rounds: int, steps: int = 10) -> list[dict]:
   return rows
 
 
-def _against_torch(library: str, train_step_argv: list[str]) -> None:
+def _against_torch(library: str, train_step_argv: list[str],
+                   output: str | None) -> None:
   """train_step.py on ViT-B/16 with its JAX workers running this file's
   `--train_step_worker` (MKL registered and swapped in first)."""
   def jax_command(worker: str, **flags) -> list[str]:
@@ -157,8 +158,8 @@ def _against_torch(library: str, train_step_argv: list[str]) -> None:
             f'--worker={worker}'] + [f'--{k}={v}' for k, v in flags.items()]
   train_step._jax_command = jax_command  # pylint: disable=protected-access
   quick = '_quick' if '--quick' in train_step_argv else ''
-  train_step.main(['--cases=vit_b16',
-                   f'--output=benchmarks/results/train_step_mkl{quick}.json',
+  output = output or f'benchmarks/results/train_step_mkl{quick}.json'
+  train_step.main(['--cases=vit_b16', f'--output={output}',
                    *train_step_argv])
 
 
@@ -186,7 +187,7 @@ def main(argv=None) -> None:
   if args.against_torch:
     _against_torch(args.library, rest
                    + ([f'--rounds={args.rounds}'] if args.rounds else [])
-                   + (['--quick'] if args.quick else []))
+                   + (['--quick'] if args.quick else []), args.output)
     return
   if rest:
     parser.error(f'unrecognized arguments: {" ".join(rest)}')

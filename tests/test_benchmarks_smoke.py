@@ -217,6 +217,10 @@ def test_mkl_dots_against_torch_runs_train_step_with_mkl_workers(
   assert calls == [['--cases=vit_b16',
                     '--output=benchmarks/results/train_step_mkl_quick.json',
                     '--rounds=1', '--quick']]
+  calls.clear()
+  mkl_dots.main(['--library=/lib/mkl.so', '--against_torch',
+                 '--output=/tmp/out.json'])
+  assert calls == [['--cases=vit_b16', '--output=/tmp/out.json']]
   command = train_step._jax_command('jax', spec='{}')  # pylint: disable=protected-access
   assert command[1].endswith('benchmarks/mkl_dots.py')
   assert command[2:] == ['--library=/lib/mkl.so', '--train_step_worker',
