@@ -2,7 +2,7 @@
 
 Imports only the standard library, so it runs in both environments: the
 main `.venv` (JAX) and the reference `.venv-ref` (PyTorch); `worker_env`,
-which only the drivers in `.venv` call, reads `reverse_sd.host_memory`.
+which only the drivers in `.venv` call, reads `reverse_sd.ops.cpu.tuning`.
 Benchmarks import it as `from benchmarks import common` after putting the
 repository root on `sys.path`.
 
@@ -292,7 +292,7 @@ def worker_env(*, fake_devices: int | None = None,
   XLA's fake-device flag is removed (or set to `fake_devices`), and the BLAS
   and OpenMP pools get `threads` threads (default: the available cores), the
   count given to torch.set_num_threads too. glibc gets the settings of
-  `reverse_sd.host_memory` (the same for every framework).
+  `reverse_sd.ops.cpu.tuning` (the same for every framework).
   """
   env = dict(os.environ)
   flags = [f for f in env.get('XLA_FLAGS', '').split()
@@ -305,9 +305,9 @@ def worker_env(*, fake_devices: int | None = None,
     env[name] = str(threads)
   env.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
   env.setdefault('HF_HUB_OFFLINE', '1')
-  # Every framework's worker gets the host allocator settings that reverse_sd
-  # makes for itself on import (reverse_sd/host_memory.py: freed blocks stay
-  # mapped), so no framework pays page faults the other does not.
+  # Every framework's worker gets the host allocator settings that
+  # reverse_sd's entry points make (reverse_sd/ops/cpu/tuning.py: freed blocks
+  # stay mapped), so no framework pays page faults the other does not.
   # REVERSE_SD_MALLOC_DEFAULTS=0 gives every worker glibc's defaults.
   env.update(host_memory_env(env))
   env['PYTHONPATH'] = os.pathsep.join(
@@ -317,10 +317,10 @@ def worker_env(*, fake_devices: int | None = None,
 
 
 def host_memory_env(environ: dict[str, str]) -> dict[str, str]:
-  """The glibc variables of `reverse_sd.host_memory.subprocess_env`."""
+  """The glibc variables of `reverse_sd.ops.cpu.tuning.subprocess_env`."""
   # pylint: disable=g-import-not-at-top
-  from reverse_sd import host_memory
-  return host_memory.subprocess_env(environ)
+  from reverse_sd.ops.cpu import tuning
+  return tuning.subprocess_env(environ)
 
 
 def run_worker(command: Sequence[str], env: dict[str, str], *,

@@ -56,6 +56,8 @@ def _worker(source: int, target: int, dim: int, chunk_size: int,
   sys.path.insert(0, str(REPO))
   import numpy as np  # pylint: disable=g-import-not-at-top
   from reverse_sd import dakl  # pylint: disable=g-import-not-at-top
+  from reverse_sd.ops.cpu import tuning  # pylint: disable=g-import-not-at-top
+  tuning.tune_process()
   rng = np.random.default_rng(0)
 
   def unit(n):

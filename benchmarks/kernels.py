@@ -1,45 +1,27 @@
-r"""The kernels the ConvNet and ViT-B/16 steps are made of, JAX against PyTorch.
+r"""The ConvNet's convolutions, the CPU kernel against XLA and PyTorch.
 
   .venv/bin/python benchmarks/kernels.py            # -> results/kernels.json
   .venv/bin/python benchmarks/kernels.py --quick    # smoke run, tiny shapes
 
 `train_step.py` says how fast each framework trains and predicts;
 `profile_step.py` says which ops the JAX step spends its time in. This script
-says why: it times those ops alone, at the shapes the two speed-table cases
-give them, in both frameworks, on 1 core and on all cores (2 here), so a
-row shows whether a kernel is slower than PyTorch's and whether it uses the
-second core at all. Kernels (`KERNELS`):
+times the one op with a CPU kernel of its own, the convolution
+(`reverse_sd/ops/conv.py`), alone, at the shapes of the default job's
+ConvNet, in both frameworks, on 1 core and on all cores (2 here), so a row
+shows whether the kernel beats XLA's and PyTorch's and whether it uses the
+second core. Kernels (`KERNELS`):
 
 - `matmul_2048`: the 2048^3 float32 product (`train_step.py`'s peak).
-- `vit_fc1`, `vit_fc1_wgrad`, `vit_qkv`: ViT-B/16's MLP product, its weight
-  gradient (x^T dy) and a q/k/v projection, at batch 8 (1576 tokens).
-- `attn_scores`: the batched q k^T product of one attention layer
-  (8 images x 12 heads of 197x64 by 64x197).
-- `attn_softmax`: the softmax over those scores (ms; no FLOPs counted).
-- `attention`, `attention_grad`: one layer's whole attention as the ViT
-  runs it (`models/cpu_attention.py`, 'auto': the fused FFI kernel on CPU)
-  against `F.scaled_dot_product_attention`, forward, and forward + backward
-  (q, k, v gradients); `attention_xla`, `attention_grad_xla`: the same with
-  `jax.nn.dot_product_attention` (XLA's ops).
 - `conv1`, `conv1_grad`: the ConvNet's second convolution (3x3, stride 2,
   32 -> 64 channels on 32x32, batch 64), forward, and forward + backward
-  (input and kernel gradients; JAX through `models/conv.py`, 'auto': in this
-  one-device worker the FFI kernels of `cpu_conv.cc`); `conv1_grad_matmul`:
-  the same with `models/conv.py`'s per-tap matrix products.
+  (input and kernel gradients), through `ops.conv.choose('auto')`: in this
+  one-device worker the FFI kernel of `reverse_sd/ops/cpu/conv.cc`.
 - `conv0_relu`, `conv1_relu`, `conv3_relu`: the ConvNet's first, second and
-  last layers as the model runs them, convolution + bias + ReLU
-  (`conv.conv_bias_act`, 'auto': the one FFI call of `cpu_conv.cc`'s
-  forward pass) against `F.relu(F.conv2d(..., bias))`; `*_xla`: the same
-  with XLA's convolution, bias add and ReLU; `conv1_relu_grad`: forward +
-  backward (input, kernel and bias gradients).
-- `layer_norm`, `layer_norm_grad`: one ViT-B/16 LayerNorm ([8, 197, 768]),
-  forward, and forward + backward (input, scale and bias gradients; JAX
-  through `models/layer_norm.py`, 'auto': in this one-device worker the FFI
-  kernel of `cpu_layer_norm.cc`), against `F.layer_norm`;
-  `layer_norm_xla`, `layer_norm_grad_xla`: the same with
-  `flax.linen.LayerNorm`. In ms (no FLOPs counted).
-- `quick_gelu`, `quick_gelu_grad`: CLIP's activation x * sigmoid(1.702 x)
-  on fc1's output ([1576, 3072]), forward and forward + backward. In ms.
+  last layers as the model runs them, convolution + bias + ReLU (one FFI
+  call of the kernel's forward pass) against `F.relu(F.conv2d(..., bias))`;
+  `conv1_relu_grad`: forward + backward (input, kernel and bias gradients).
+- `*_xla`: the same with `config.model.conv='xla'` (XLA's convolution, bias
+  add, ReLU and gradients).
 
 Each framework's worker is a fresh process pinned to the first N cores (N
 in `--threads`, torch.set_num_threads(N)), run in the order JAX, PyTorch,
@@ -73,102 +55,46 @@ FRAMEWORKS = ('jax', 'torch')
 # name -> kind and shapes. ViT-B/16 at batch 8: 8 x 197 = 1576 tokens of
 # width 768, MLP 3072, 12 heads of 64. The ConvNet's conv1: [64, 32, 32, 32]
 # (NHWC) by a 3x3x32x64 kernel, stride 2.
+def _conv_rows(batch: int, sizes: tuple[int, int, int],
+               channels: tuple[int, int, int, int]) -> dict[str, dict]:
+  """The convolution rows at `sizes` (conv0, conv1, conv3 inputs) and
+  `channels` (conv0 in, conv1 in, conv3 in, conv3 out), each with its
+  'xla' twin."""
+  s0, s1, s3 = sizes
+  c0, c1, c3, o3 = channels
+  conv1 = dict(kind='conv', b=batch, size=s1, c=c1, o=2 * c1)
+  rows = {
+      'conv1': dict(conv1, grad=False),
+      'conv1_grad': dict(conv1, grad=True),
+      'conv0_relu': dict(kind='conv', b=batch, size=s0, c=c0, o=c1,
+                         grad=False, relu=True),
+      'conv1_relu': dict(conv1, grad=False, relu=True),
+      'conv1_relu_grad': dict(conv1, grad=True, relu=True),
+      'conv3_relu': dict(kind='conv', b=batch, size=s3, c=c3, o=o3,
+                         grad=False, relu=True),
+  }
+  rows.update({f'{name}_xla': dict(spec, impl='xla')
+               for name, spec in list(rows.items())})
+  return rows
+
+
+# name -> kind and shapes. The ConvNet 'small' at 64 px, batch 64: conv1 is
+# [64, 32, 32, 32] (NHWC) by a 3x3x32x64 kernel, stride 2.
 KERNELS: dict[str, dict[str, Any]] = {
     'matmul_2048': dict(kind='matmul', m=2048, k=2048, n=2048),
-    'vit_fc1': dict(kind='matmul', m=1576, k=768, n=3072),
-    'vit_fc1_wgrad': dict(kind='matmul_tn', m=768, k=1576, n=3072),
-    'vit_qkv': dict(kind='matmul', m=1576, k=768, n=768),
-    'attn_scores': dict(kind='bmm', b=96, m=197, k=64, n=197),
-    'attn_softmax': dict(kind='softmax', shape=(8, 12, 197, 197)),
-    'attention': dict(kind='attention', b=8, t=197, h=12, d=64, grad=False),
-    'attention_grad': dict(kind='attention', b=8, t=197, h=12, d=64,
-                           grad=True),
-    'attention_xla': dict(kind='attention', b=8, t=197, h=12, d=64,
-                          grad=False, impl='xla'),
-    'attention_grad_xla': dict(kind='attention', b=8, t=197, h=12, d=64,
-                               grad=True, impl='xla'),
-    'conv1': dict(kind='conv', b=64, size=32, c=32, o=64, grad=False),
-    'conv1_grad': dict(kind='conv', b=64, size=32, c=32, o=64, grad=True),
-    'conv1_grad_matmul': dict(kind='conv', b=64, size=32, c=32, o=64,
-                              grad=True, impl='matmul'),
-    'conv0_relu': dict(kind='conv', b=64, size=64, c=3, o=32, grad=False,
-                       relu=True),
-    'conv0_relu_xla': dict(kind='conv', b=64, size=64, c=3, o=32,
-                           grad=False, relu=True, impl='xla'),
-    'conv1_relu': dict(kind='conv', b=64, size=32, c=32, o=64, grad=False,
-                       relu=True),
-    'conv1_relu_xla': dict(kind='conv', b=64, size=32, c=32, o=64,
-                           grad=False, relu=True, impl='xla'),
-    'conv1_relu_grad': dict(kind='conv', b=64, size=32, c=32, o=64,
-                            grad=True, relu=True),
-    'conv3_relu': dict(kind='conv', b=64, size=8, c=128, o=256, grad=False,
-                       relu=True),
-    'conv3_relu_xla': dict(kind='conv', b=64, size=8, c=128, o=256,
-                           grad=False, relu=True, impl='xla'),
-    'layer_norm': dict(kind='layer_norm', shape=(8, 197, 768), grad=False),
-    'layer_norm_grad': dict(kind='layer_norm', shape=(8, 197, 768),
-                            grad=True),
-    'layer_norm_xla': dict(kind='layer_norm', shape=(8, 197, 768),
-                           grad=False, impl='xla'),
-    'layer_norm_grad_xla': dict(kind='layer_norm', shape=(8, 197, 768),
-                                grad=True, impl='xla'),
-    'quick_gelu': dict(kind='quick_gelu', shape=(1576, 3072), grad=False),
-    'quick_gelu_grad': dict(kind='quick_gelu', shape=(1576, 3072),
-                            grad=True),
+    **_conv_rows(64, (64, 32, 8), (3, 32, 128, 256)),
 }
 QUICK_KERNELS: dict[str, dict[str, Any]] = {
     'matmul_2048': dict(kind='matmul', m=64, k=64, n=64),
-    'vit_fc1': dict(kind='matmul', m=40, k=32, n=64),
-    'vit_fc1_wgrad': dict(kind='matmul_tn', m=32, k=40, n=64),
-    'vit_qkv': dict(kind='matmul', m=40, k=32, n=32),
-    'attn_scores': dict(kind='bmm', b=4, m=5, k=16, n=5),
-    'attn_softmax': dict(kind='softmax', shape=(2, 2, 5, 5)),
-    'attention': dict(kind='attention', b=2, t=5, h=2, d=16, grad=False),
-    'attention_grad': dict(kind='attention', b=2, t=5, h=2, d=16, grad=True),
-    'attention_xla': dict(kind='attention', b=2, t=5, h=2, d=16, grad=False,
-                          impl='xla'),
-    'attention_grad_xla': dict(kind='attention', b=2, t=5, h=2, d=16,
-                               grad=True, impl='xla'),
-    'conv1': dict(kind='conv', b=2, size=8, c=4, o=8, grad=False),
-    'conv1_grad': dict(kind='conv', b=2, size=8, c=4, o=8, grad=True),
-    'conv1_grad_matmul': dict(kind='conv', b=2, size=8, c=4, o=8, grad=True,
-                              impl='matmul'),
-    'conv0_relu': dict(kind='conv', b=2, size=8, c=3, o=8, grad=False,
-                       relu=True),
-    'conv0_relu_xla': dict(kind='conv', b=2, size=8, c=3, o=8, grad=False,
-                           relu=True, impl='xla'),
-    'conv1_relu': dict(kind='conv', b=2, size=8, c=4, o=8, grad=False,
-                       relu=True),
-    'conv1_relu_xla': dict(kind='conv', b=2, size=8, c=4, o=8, grad=False,
-                           relu=True, impl='xla'),
-    'conv1_relu_grad': dict(kind='conv', b=2, size=8, c=4, o=8, grad=True,
-                            relu=True),
-    'conv3_relu': dict(kind='conv', b=2, size=4, c=8, o=16, grad=False,
-                       relu=True),
-    'conv3_relu_xla': dict(kind='conv', b=2, size=4, c=8, o=16, grad=False,
-                           relu=True, impl='xla'),
-    'layer_norm': dict(kind='layer_norm', shape=(2, 5, 24), grad=False),
-    'layer_norm_grad': dict(kind='layer_norm', shape=(2, 5, 24), grad=True),
-    'layer_norm_xla': dict(kind='layer_norm', shape=(2, 5, 24), grad=False,
-                           impl='xla'),
-    'layer_norm_grad_xla': dict(kind='layer_norm', shape=(2, 5, 24),
-                                grad=True, impl='xla'),
-    'quick_gelu': dict(kind='quick_gelu', shape=(10, 64), grad=False),
-    'quick_gelu_grad': dict(kind='quick_gelu', shape=(10, 64), grad=True),
+    **_conv_rows(2, (8, 8, 4), (3, 4, 8, 16)),
 }
 
 
 def flops(spec: dict[str, Any]) -> float | None:
-  """FLOPs of one call (2 per multiply-add; None for the softmax)."""
+  """FLOPs of one call (2 per multiply-add)."""
   kind = spec['kind']
-  if kind in ('matmul', 'matmul_tn'):
+  if kind == 'matmul':
     return 2.0 * spec['m'] * spec['k'] * spec['n']
-  if kind == 'bmm':
-    return 2.0 * spec['b'] * spec['m'] * spec['k'] * spec['n']
-  if kind == 'attention':
-    # q k^T and p v: 2 products; the backward pass 4 more.
-    products = 6 if spec['grad'] else 2
-    return products * 2.0 * spec['b'] * spec['h'] * spec['t']**2 * spec['d']
   if kind == 'conv':
     out = math.ceil(spec['size'] / 2)
     forward = 2.0 * spec['b'] * out * out * 9 * spec['c'] * spec['o']
@@ -184,13 +110,9 @@ def flops(spec: dict[str, Any]) -> float | None:
 def jax_kernels(kernels: dict[str, dict[str, Any]]):
   """name -> a call that runs the compiled JAX kernel once and blocks."""
   # pylint: disable=g-import-not-at-top
-  import reverse_sd  # pylint: disable=unused-import  # XLA:CPU settings.
   import jax
   import jax.numpy as jnp
-  from reverse_sd.models import conv
-  from reverse_sd.models import cpu_attention
-  from reverse_sd.models import layer_norm
-  from reverse_sd.models import vit
+  from reverse_sd.ops import conv as conv_ops
   # pylint: enable=g-import-not-at-top
 
   def with_grad(forward, *inputs):
@@ -209,40 +131,14 @@ def jax_kernels(kernels: dict[str, dict[str, Any]]):
     if kind == 'matmul':
       fn, args = jnp.matmul, (normal(spec['m'], spec['k']),
                               normal(spec['k'], spec['n']))
-    elif kind == 'matmul_tn':
-      fn = lambda a, b: a.T @ b
-      args = (normal(spec['k'], spec['m']), normal(spec['k'], spec['n']))
-    elif kind == 'bmm':
-      fn = lambda a, b: jnp.einsum('bmk,bnk->bmn', a, b)
-      args = (normal(spec['b'], spec['m'], spec['k']),
-              normal(spec['b'], spec['n'], spec['k']))
-    elif kind == 'softmax':
-      fn, args = lambda x: jax.nn.softmax(x, axis=-1), (normal(*spec['shape']),)
-    elif kind == 'attention':
-      fn = functools.partial(cpu_attention.attention,
-                             impl=spec.get('impl', 'auto'))
-      args = tuple(normal(spec['b'], spec['t'], spec['h'], spec['d'])
-                   for _ in range(3))
-    elif kind == 'conv' and spec.get('relu'):
-      fn = functools.partial(conv.conv_bias_act, strides=(2, 2),
-                             padding='SAME', activation='relu',
-                             grad_impl=spec.get('impl', 'auto'))
-      args = (normal(spec['b'], spec['size'], spec['size'], spec['c']),
-              normal(3, 3, spec['c'], spec['o']), normal(spec['o']))
     elif kind == 'conv':
-      fn = functools.partial(conv.conv2d, strides=(2, 2), padding='SAME',
-                             grad_impl=spec.get('impl', 'auto'))
+      op = conv_ops.choose(spec.get('impl', 'auto'))
+      relu = spec.get('relu', False)
+      fn = functools.partial(op, strides=(2, 2), padding='SAME',
+                             activation='relu' if relu else None)
       args = (normal(spec['b'], spec['size'], spec['size'], spec['c']),
-              normal(3, 3, spec['c'], spec['o']))
-    elif kind == 'layer_norm':
-      x = normal(*spec['shape'])
-      module = layer_norm.LayerNorm(epsilon=1e-5,
-                                    impl=spec.get('impl', 'auto'))
-      fn = lambda x, p, m=module: m.apply(p, x)
-      args = (x, module.init(next(keys), x))
-    elif kind == 'quick_gelu':
-      fn = vit._activation('quick_gelu')  # pylint: disable=protected-access
-      args = (normal(*spec['shape']),)
+              normal(3, 3, spec['c'], spec['o'])) + (
+                  (normal(spec['o']),) if relu else ())
     else:
       raise ValueError(f'Unknown kernel kind {kind!r}.')
     if spec.get('grad'):
@@ -268,30 +164,6 @@ def torch_kernels(kernels: dict[str, dict[str, Any]], threads: int):
       a, b = torch.randn(spec['m'], spec['k']), torch.randn(spec['k'],
                                                               spec['n'])
       fn = lambda a=a, b=b: a @ b
-    elif kind == 'matmul_tn':
-      a, b = torch.randn(spec['k'], spec['m']), torch.randn(spec['k'],
-                                                              spec['n'])
-      fn = lambda a=a, b=b: a.T @ b
-    elif kind == 'bmm':
-      a = torch.randn(spec['b'], spec['m'], spec['k'])
-      b = torch.randn(spec['b'], spec['n'], spec['k'])
-      fn = lambda a=a, b=b: torch.bmm(a, b.transpose(1, 2))
-    elif kind == 'softmax':
-      x = torch.randn(*spec['shape'])
-      fn = lambda x=x: torch.softmax(x, dim=-1)
-    elif kind == 'attention':
-      # [B, heads, T, d]: the layout CLIPVisionModel's SDPA call uses.
-      shape = (spec['b'], spec['h'], spec['t'], spec['d'])
-      q, k, v = (torch.randn(*shape, requires_grad=spec['grad'])
-                 for _ in range(3))
-      if spec['grad']:
-        dout = torch.randn(*shape)
-
-        def fn(q=q, k=k, v=v, dout=dout):
-          out = F.scaled_dot_product_attention(q, k, v)
-          return torch.autograd.grad(out, (q, k, v), dout)
-      else:
-        fn = lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v)
     elif kind == 'conv':
       # NCHW as the reference ConvNet (`torch_reference.py`); 'SAME' for an
       # even size and stride 2 pads one pixel after.
@@ -317,35 +189,10 @@ def torch_kernels(kernels: dict[str, dict[str, Any]], threads: int):
           return torch.autograd.grad(forward(x, weight), wrt, dy)
       else:
         fn = lambda x=x, w=weight, forward=forward: forward(x, w)
-    elif kind == 'layer_norm':
-      x = torch.randn(*spec['shape'], requires_grad=spec['grad'])
-      width = spec['shape'][-1]
-      weight = torch.ones(width, requires_grad=spec['grad'])
-      bias = torch.zeros(width, requires_grad=spec['grad'])
-      if spec['grad']:
-        dy = torch.randn(*spec['shape'])
-
-        def fn(x=x, weight=weight, bias=bias, dy=dy, width=width):
-          y = F.layer_norm(x, (width,), weight, bias, 1e-5)
-          return torch.autograd.grad(y, (x, weight, bias), dy)
-      else:
-        fn = lambda x=x, w=weight, b=bias, n=width: F.layer_norm(
-            x, (n,), w, b, 1e-5)
-    elif kind == 'quick_gelu':
-      x = torch.randn(*spec['shape'], requires_grad=spec['grad'])
-      if spec['grad']:
-        dy = torch.randn(*spec['shape'])
-
-        def fn(x=x, dy=dy):
-          y = x * torch.sigmoid(1.702 * x)
-          return torch.autograd.grad(y, (x,), dy)
-      else:
-        fn = lambda x=x: x * torch.sigmoid(1.702 * x)
     else:
       raise ValueError(f'Unknown kernel kind {kind!r}.')
     calls[name] = fn
-  return calls, {'torch': torch.__version__,
-                 'mkldnn': torch.backends.mkldnn.is_available()}
+  return calls, {'torch': torch.__version__}
 
 
 def measure(framework: str, kernels: dict[str, dict[str, Any]], *,

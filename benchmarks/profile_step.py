@@ -47,6 +47,7 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 # pylint: disable=wrong-import-position
 from benchmarks import common
 from benchmarks import train_step as train_step_lib
+from reverse_sd.ops.cpu import tuning
 
 DEFAULT_OUTPUT = 'benchmarks/results/profile_step.json'
 # Executor and thread-pool events that contain or wait for ops; not ops.
@@ -205,6 +206,12 @@ def _parse_args(argv=None):
   parser.add_argument('--steps', type=int, default=3)
   parser.add_argument('--top', type=int, default=15)
   parser.add_argument('--dtype', default='float32')
+  parser.add_argument('--conv', default='auto',
+                      choices=train_step_lib.CONV_CHOICES,
+                      help='convolutions (config.model.conv)')
+  parser.add_argument('--attention', default='auto',
+                      choices=train_step_lib.ATTENTION_CHOICES,
+                      help='attention (config.model.attention)')
   parser.add_argument('--trace_dir', default='',
                       help='default: a new temporary folder per case')
   parser.add_argument('--quick', action='store_true',
@@ -220,6 +227,7 @@ def _parse_args(argv=None):
 
 def main(argv=None) -> None:
   args = _parse_args(argv)
+  tuning.tune_process()
   started = time.time()
   busy_cores = common.warn_if_busy()
   payload = {'benchmark': 'profile_step', 'date': common.now(),
@@ -230,7 +238,7 @@ def main(argv=None) -> None:
   spec_args = argparse.Namespace(
       dtype=args.dtype, warmup=args.warmup, steps=args.steps,
       infer_warmup=args.warmup, infer_steps=args.steps,
-      threads=len(common.cores()))
+      threads=len(common.cores()), conv=args.conv, attention=args.attention)
   for case in common.parse_cases(args.cases, args.quick):
     spec = train_step_lib.make_spec(case, spec_args)
     trace_dir = (os.path.join(args.trace_dir, spec['name']) if args.trace_dir

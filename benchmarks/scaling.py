@@ -56,7 +56,7 @@ def run_steps(config_arg: str, steps: int, skip: int) -> dict[str, Any]:
   batch_size = config.train.batch_size
   sharding.check_batch_divisible(batch_size, mesh)
   size = config.data.image_size
-  model = reverse_model.create_model(config.model)
+  model = reverse_model.create_model(config.model, mesh=mesh)
   tx, schedule = optim.create_optimizer(config.optim, total_steps=steps)
   state, shardings = state_lib.create_train_state(
       model, tx, (size, size, 3), jax.random.key(config.seed), mesh)
@@ -87,7 +87,7 @@ def run_steps(config_arg: str, steps: int, skip: int) -> dict[str, Any]:
   return {'num_devices': jax.device_count(), 'batch': batch_size,
           'image_size': size, 'variant': config.model.variant,
           'losses': losses,
-          'param_norm': float(optax.global_norm(state.params)),
+          'param_norm': float(optax.tree.norm(state.params)),
           'compile_s': compile_s, 'step': common.summarize(timed),
           'transfer_median_s': statistics.median(transfer_times),
           'skipped_steps': skip, 'peak_rss_mb': common.peak_rss_mb()}

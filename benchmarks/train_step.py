@@ -8,7 +8,7 @@ r"""Train-step and inference throughput: reverse_sd (JAX) against PyTorch.
 Each measurement runs in its own subprocess, interleaved A B C A B C per
 model case (JAX, PyTorch eager, PyTorch torch.compile; `--rounds` times), all
 pinned to the same cores with the same thread count and the same glibc
-allocator settings (`reverse_sd/host_memory.py`: freed blocks stay mapped;
+allocator settings (`reverse_sd/ops/cpu/tuning.py`: freed blocks stay mapped;
 `REVERSE_SD_MALLOC_DEFAULTS=0` gives every worker glibc's defaults, JAX
 included). The `faults/step` column is a worker's page faults per timed
 train step (memory the kernel mapped in and zeroed). A worker builds the
@@ -46,6 +46,7 @@ import dataclasses
 import json
 import os
 import pathlib
+import re
 import statistics
 import sys
 import tempfile
@@ -61,6 +62,10 @@ from benchmarks import common
 
 FRAMEWORKS = ('jax', 'torch_eager', 'torch_compile')
 DEFAULT_OUTPUT = 'benchmarks/results/train_step.json'
+# reverse_sd.ops.conv.CHOICES and reverse_sd.ops.attention.CHOICES, spelled
+# out so that the driver parses its flags without importing JAX.
+CONV_CHOICES = ('auto', 'xla', 'cpu_kernel')
+ATTENTION_CHOICES = ('auto', 'xla', 'cudnn', 'pallas_tpu', 'pallas_gpu')
 
 
 # ---------------------------------------------------------------------------
@@ -90,10 +95,8 @@ def make_spec(case: dict[str, Any], args) -> dict[str, Any]:
                                           'grad_clip_norm')},
       warmup=args.warmup, steps=args.steps, infer_warmup=args.infer_warmup,
       infer_steps=args.infer_steps, threads=args.threads,
-      conv_grad=getattr(args, 'conv_grad', 'auto'),
+      conv=getattr(args, 'conv', 'auto'),
       attention=getattr(args, 'attention', 'auto'),
-      layer_norm=getattr(args, 'layer_norm', 'auto'),
-      grad_norm=getattr(args, 'grad_norm', 'auto'),
       micro_batch=getattr(args, 'micro_batch', -1))
 
 
@@ -109,10 +112,8 @@ def _config_for(spec: dict[str, Any]):
   config.model.backbone = spec['backbone']
   config.model.variant = spec['variant']
   config.model.dtype = spec['dtype']
-  config.model.conv_grad = spec.get('conv_grad', 'auto')
+  config.model.conv = spec.get('conv', 'auto')
   config.model.attention = spec.get('attention', 'auto')
-  config.model.layer_norm = spec.get('layer_norm', 'auto')
-  config.optim.grad_norm = spec.get('grad_norm', 'auto')
   config.eval.micro_batch = spec.get('micro_batch', -1)
   config.vocab.loss_weight = 0.0
   if spec['backbone'] == 'sd_unet':
@@ -168,34 +169,71 @@ def _flops(compiled) -> float | None:
   return float(flops) if flops is not None and flops > 0 else None
 
 
+# Custom-call targets of a fused attention kernel in compiled HLO text:
+# cuDNN's flash attention ('__cudnn$fmha...'), a Pallas GPU (Triton) or TPU
+# (Mosaic) kernel.
+ATTENTION_CALL_MARKERS = ('__cudnn$fmha', 'triton', 'tpu_custom_call',
+                          'mosaic')
+_CUSTOM_CALL = re.compile(r'custom_call_target="([^"]+)"')
+
+
+def custom_calls(hlo_text: str) -> dict[str, int]:
+  """Custom-call target -> how many calls, in compiled HLO text."""
+  counts: dict[str, int] = {}
+  for target in _CUSTOM_CALL.findall(hlo_text):
+    counts[target] = counts.get(target, 0) + 1
+  return counts
+
+
+def attention_calls(calls: dict[str, int]) -> dict[str, int]:
+  """The fused-attention kernels among `custom_calls`' targets."""
+  return {target: n for target, n in calls.items()
+          if any(m in target.lower() for m in ATTENTION_CALL_MARKERS)}
+
+
+def _ops_of(model) -> dict[str, str | None]:
+  """The implementations the model's ops resolved to (None: no such op
+  in this backbone)."""
+  backbone = model.backbone
+  return {f'{op}_implementation': getattr(getattr(backbone, op, None),
+                                          'implementation', None)
+          for op in ('attention', 'conv')}
+
+
+def peak_device_bytes(device) -> int | None:
+  """The device allocator's peak (None where it reports none, as on CPU)."""
+  try:
+    stats = device.memory_stats()
+  except (AttributeError, RuntimeError, NotImplementedError):
+    return None
+  return (stats or {}).get('peak_bytes_in_use')
+
+
 def _xla_op_flops(spec: dict[str, Any], built: dict[str, Any],
                   state) -> tuple[float | None, float | None]:
   """XLA's FLOP counts of the train and predict steps, computed on the same
   functions written with XLA's own ops.
 
-  XLA's cost analysis counts nothing inside an FFI call (the CPU attention,
-  convolution-gradient, LayerNorm and gradient-norm kernels,
-  `models/cpu_kernels.py`), and
-  a micro-batched predict step's loop body once. So the counts come from the
-  step compiled with `attention='xla'`, `conv_grad='matmul'`,
-  `layer_norm='xla'`, `grad_norm='xla'` (the metric's norm; the clipping
-  norm inside `state`'s optimizer stays uncounted: 2 FLOPs per parameter)
-  and the whole inference batch at once: the same function and the same
-  FLOPs.
+  XLA's cost analysis counts nothing inside a custom call (the CPU
+  convolution kernel, `reverse_sd/ops/cpu/conv.cc`; cuDNN's or Pallas'
+  fused attention, `reverse_sd/ops/attention.py`), and a micro-batched
+  predict step's loop body once. So the counts come from the step compiled
+  with `conv='xla'`, `attention='xla'` and the whole inference batch at
+  once: the same function and the same FLOPs.
   """
   # pylint: disable=g-import-not-at-top
   from reverse_sd import evaluate
   from reverse_sd import optim
   from reverse_sd import train
   from reverse_sd.models import reverse_model
-  config = _config_for(dict(spec, attention='xla', conv_grad='matmul',
-                            layer_norm='xla', grad_norm='xla', micro_batch=0))
-  model = reverse_model.create_model(config.model)
+  config = _config_for(dict(spec, attention='xla', conv='xla',
+                            micro_batch=0))
+  model = reverse_model.create_model(config.model, mesh=built['mesh'])
   _, schedule = optim.create_optimizer(
       config.optim, total_steps=1000,
       extra_groups=reverse_model.frozen_param_groups(config.model))
   step = train.make_train_step(model, config.loss, schedule, built['mesh'],
-                               built['shardings'], grad_norm='xla')
+                               built['shardings'])
   predict = evaluate.make_predict_step(model, built['mesh'],
                                        built['shardings'].params,
                                        micro_batch=0)
@@ -226,7 +264,7 @@ def build_jax(spec: dict[str, Any], devices=None) -> dict[str, Any]:
   mesh = sharding.make_mesh(config.mesh.axes, config.mesh.shape,
                             devices=devices)
   num_devices = mesh.devices.size
-  model = reverse_model.create_model(config.model)
+  model = reverse_model.create_model(config.model, mesh=mesh)
   # As train.py: a frozen stage (the white-box VAE) is never updated.
   tx, schedule = optim.create_optimizer(
       config.optim, total_steps=1000,
@@ -239,8 +277,7 @@ def build_jax(spec: dict[str, Any], devices=None) -> dict[str, Any]:
     image_shape = (side, side, 3)
   state, shardings = state_lib.create_train_state(
       model, tx, image_shape, jax.random.key(spec['seed']), mesh)
-  step = train.make_train_step(model, config.loss, schedule, mesh, shardings,
-                               grad_norm=config.optim.grad_norm)
+  step = train.make_train_step(model, config.loss, schedule, mesh, shardings)
   rng = np.random.default_rng(spec['seed'])
   inputs, targets = _model_inputs(spec, rng, spec['train_batch'])
   batch = sharding.host_to_global(dict(inputs, embedding=targets), mesh)
@@ -248,13 +285,14 @@ def build_jax(spec: dict[str, Any], devices=None) -> dict[str, Any]:
   result = {'framework': 'jax', 'case': spec['name'], 'dtype': spec['dtype'],
             'jax_version': jax.__version__,
             'backend': jax.default_backend(),
-            # reverse_sd's defaults (reverse_sd/xla_cpu.py) plus the user's.
+            # The user's.
             'xla_flags': os.environ.get('XLA_FLAGS', ''),
             'micro_batch': config.eval.micro_batch,
             'device_kind': mesh.devices.flat[0].device_kind,
             'num_devices': int(num_devices), 'cores': len(common.cores()),
             'param_count': int(sum(x.size for x in
-                                   jax.tree.leaves(state.params)))}
+                                   jax.tree.leaves(state.params))),
+            **_ops_of(model)}
   return dict(config=config, mesh=mesh, model=model, state=state,
               shardings=shardings, step=step, batch=batch,
               predict=evaluate.make_predict_step(
@@ -281,6 +319,9 @@ def measure_jax(spec: dict[str, Any], devices=None) -> dict[str, Any]:
   lower_s = time.perf_counter() - start
   compiled = lowered.compile()
   compile_s = time.perf_counter() - start
+  calls = custom_calls(compiled.as_text())
+  result['train_custom_calls'] = calls
+  result['train_attention_calls'] = attention_calls(calls)
   holder = {'state': state, 'metrics': None}
 
   def train_once():
@@ -312,6 +353,8 @@ def measure_jax(spec: dict[str, Any], devices=None) -> dict[str, Any]:
       common.summarize(times), **counters, batch=spec['infer_batch'],
       compile_s=infer_compile_s, warmup_times_s=warmup_times)
   result['peak_rss_mb'] = common.peak_rss_mb()
+  result['peak_device_bytes'] = peak_device_bytes(
+      built['mesh'].devices.flat[0])
   # After the peak memory: the FLOP counts compile two more steps.
   train_flops, infer_flops = _xla_op_flops(spec, built, holder['state'])
   result['train'].update(
@@ -455,6 +498,13 @@ def summarize_case(runs: dict[str, list[dict]], peak_flops: float | None
         'flops_per_image_train': flops_train,
         'flops_per_image_infer': flops_infer,
     }
+    if framework == 'jax' and ok:
+      peaks = [r.get('peak_device_bytes') for r in ok]
+      summary.update(
+          attention=ok[0].get('attention_implementation'),
+          conv=ok[0].get('conv_implementation'),
+          attention_calls=ok[0].get('train_attention_calls', {}),
+          peak_device_gib=(max(peaks) / 2**30 if all(peaks) else None))
     if train and flops_train:
       summary['train_flops_per_s'] = train * flops_train / devices
       if peak_flops:
@@ -521,6 +571,9 @@ def format_report(cases: dict[str, dict[str, Any]]) -> str:
            else None),
           (s['train_flops_per_s'] / 1e9 if s.get('train_flops_per_s')
            else None), mfu('train_mfu'), mfu('infer_mfu')])
+    jax_summary = case['summary'].get('jax') or {}
+    if 'attention' in jax_summary:
+      lines.append(f'{name}: jax ops: {describe_ops(jax_summary)}')
     for key, value in case['ratios'].items():
       lines.append(f'{name}: {key} = '
                    f'{f"{value:.2f}x" if value is not None else "-"}')
@@ -534,6 +587,22 @@ def format_report(cases: dict[str, dict[str, Any]]) -> str:
       lines.append(f'{name}: the torch reference computes the same function '
                    f'as JAX: {verify.get("ok", False)} ({detail})')
   return '\n'.join([common.format_table(headers, rows), ''] + lines)
+
+
+def describe_ops(summary: dict[str, Any]) -> str:
+  """The op implementations, fused kernels and peak device memory of a
+  JAX summary, in one line."""
+  calls = summary.get('attention_calls') or {}
+  parts = [f"attention {summary.get('attention') or '-'} (fused attention "
+           'in the compiled train step: ' +
+           (', '.join(f'{t} x{n}' for t, n in sorted(calls.items()))
+            or 'none') + ')']
+  if summary.get('conv'):
+    parts.append(f"conv {summary['conv']}")
+  peak = summary.get('peak_device_gib')
+  parts.append(f'peak device memory {peak:.1f} GiB' if peak is not None
+               else 'peak device memory - (not reported)')
+  return ', '.join(parts)
 
 
 def _parse_args(argv=None):
@@ -551,24 +620,14 @@ def _parse_args(argv=None):
                       help='compute dtype (config.model.dtype); params stay '
                       'float32')
   parser.add_argument('--matmul_size', type=int, default=2048)
-  parser.add_argument('--conv_grad', default='auto',
-                      choices=('auto', 'xla', 'matmul', 'cpu_kernel'),
-                      help="JAX convolution gradients (config.model."
-                      "conv_grad); 'xla' shows the speed before "
-                      'models/conv.py')
+  parser.add_argument('--conv', default='auto', choices=CONV_CHOICES,
+                      help="JAX convolutions (config.model.conv); 'xla' "
+                      'shows the speed without the CPU kernel of '
+                      'reverse_sd/ops/cpu/conv.cc')
   parser.add_argument('--attention', default='auto',
-                      choices=('auto', 'xla', 'cpu_kernel'),
-                      help="JAX ViT attention (config.model.attention); "
-                      "'xla' shows the speed before models/cpu_attention.py")
-  parser.add_argument('--layer_norm', default='auto',
-                      choices=('auto', 'xla', 'cpu_kernel'),
-                      help="JAX ViT LayerNorms (config.model.layer_norm); "
-                      "'xla' shows the speed before models/layer_norm.py")
-  parser.add_argument('--grad_norm', default='auto',
-                      choices=('auto', 'xla', 'cpu_kernel'),
-                      help="JAX gradients' global norm (config.optim."
-                      "grad_norm); 'xla' shows the speed before "
-                      'models/cpu_sum_squares.cc')
+                      choices=ATTENTION_CHOICES,
+                      help='JAX attention (config.model.attention; '
+                      'reverse_sd/ops/attention.py)')
   parser.add_argument('--micro_batch', type=int, default=-1,
                       help='JAX predict step: examples per device per '
                       'forward pass (config.eval.micro_batch; -1 auto, 0 '

@@ -50,20 +50,19 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.model.backbone = 'convnet'
   config.model.variant = 'small'  # Named shape of the backbone.
   config.model.head_hidden = ()  # MLP widths before the 384-d projection.
-  config.model.dtype = 'float32'  # Compute dtype; parameters stay float32.
-  # Convolution gradients of 'convnet' / 'clip_resnet' (models/conv.py):
-  # 'auto' (on CPU a C++ FFI kernel in a one-device process, else per-tap
-  # matrix products; XLA's own on accelerators), 'xla', 'matmul',
-  # 'cpu_kernel'. The same function either way; only the speed differs.
-  config.model.conv_grad = 'auto'
-  # Attention of 'vit' (models/cpu_attention.py): 'auto' (a fused C++ kernel
-  # on the CPU backend, built on first use; jax.nn.dot_product_attention
-  # elsewhere), 'xla', 'cpu_kernel'. The same function either way.
+  # Compute dtype; parameters and optimiser state stay float32. 'auto':
+  # bfloat16 on GPU and TPU, float32 on CPU.
+  config.model.dtype = 'auto'
+  # How the ops run (reverse_sd/ops/), chosen once when the model is built,
+  # from the name and the backend; the same function either way.
+  # Attention: 'auto' (Pallas flash attention on TPU, cuDNN's fused
+  # attention on GPU, XLA on CPU; XLA for a shape the kernel cannot run),
+  # 'xla', 'cudnn', 'pallas_tpu', 'pallas_gpu'.
   config.model.attention = 'auto'
-  # LayerNorms of 'vit' (models/layer_norm.py): 'auto' (a fused C++ kernel on
-  # CPU in a one-device process; flax.linen.LayerNorm elsewhere), 'xla',
-  # 'cpu_kernel'. The same function up to rounding.
-  config.model.layer_norm = 'auto'
+  # Convolutions of 'convnet' / 'clip_resnet': 'auto' (the C++ FFI kernel on
+  # CPU, built on first use, else XLA), 'xla' (turns the CPU kernel off),
+  # 'cpu_kernel'.
+  config.model.conv = 'auto'
   config.model.image_mean = (0.48145466, 0.4578275, 0.40821073)  # CLIP.
   config.model.image_std = (0.26862954, 0.26130258, 0.27577711)
   # A local pretrained checkpoint for the backbone (for 'vit': a Hugging Face
@@ -129,10 +128,6 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.optim.b1 = 0.9
   config.optim.b2 = 0.999
   config.optim.grad_clip_norm = 1.0
-  # The gradients' global norm (clipping and the grad_norm metric; optim.py):
-  # 'auto' (a fused C++ kernel on CPU in a one-device process, optax's
-  # reduction elsewhere), 'xla', 'cpu_kernel'. The same up to rounding.
-  config.optim.grad_norm = 'auto'
   config.optim.warmup_fraction = 0.03
   # (regex over the '/'-joined parameter path, lr multiplier) pairs; first
   # match wins, 0 freezes. E.g. (('^backbone/', 0.1),) trains the image tower

@@ -74,6 +74,7 @@ from launch import sweep as sweep_lib
 from reverse_sd import dakl
 from reverse_sd import ensemble
 from reverse_sd import predictions as predictions_lib
+from reverse_sd.ops.cpu import tuning
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 FLAGS = flags.FLAGS
@@ -606,6 +607,7 @@ def settings_from_flags() -> Settings:
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  tuning.tune_process()
   try:
     output = check_output(FLAGS.output)
     settings = settings_from_flags()

@@ -8,7 +8,8 @@
 #
 # Submit from the repository root, on a file system that every node sees
 # (the .venv, the data and --workdir are shared). The batch step sets up
-# .venv (launch/setup.sh) plus jax[cuda12] once, then `srun` starts GPUS
+# .venv with jax[cuda12] (REVERSE_SD_ACCELERATOR=cuda12 launch/setup.sh,
+# which returns at once when nothing changed), then `srun` starts GPUS
 # processes per node (GPUS: $GPUS, else the GPUs SLURM gave each node, else
 # 8); JAX reads the SLURM environment (SLURM_NTASKS, SLURM_PROCID, ...) and
 # gives each process the GPU of its SLURM_LOCALID. Every argument goes to
@@ -64,31 +65,25 @@ preempted_status=75
 requeue="${REQUEUE:-1}"
 gpus="${GPUS:-${SLURM_GPUS_ON_NODE:-8}}"
 [[ "${gpus}" =~ ^[1-9][0-9]*$ ]] || fail "GPUS=${gpus}: expected a positive integer."
-jax_version="$(sed -n 's/^jax==//p' requirements.txt)"
-[[ -n "${jax_version}" ]] || fail "no jax==VERSION line in requirements.txt."
 
-setup=(bash launch/setup.sh)
-cuda_check=(.venv/bin/python -c "import jax_cuda12_plugin")
-cuda_install=(.venv/bin/python -m pip install --quiet "jax[cuda12]==${jax_version}")
+setup=(env REVERSE_SD_ACCELERATOR=cuda12 bash launch/setup.sh)
 train=(srun "--ntasks-per-node=${gpus}"
        env TF_CPP_MIN_LOG_LEVEL=2
        .venv/bin/python -m reverse_sd.main "${main_args[@]}")
 
 # shell_line: a command's words as one line a shell reads back the same.
-# shellcheck source=launch/shell_line.sh
+# shellcheck source=launch/shell_line.sh disable=SC1091
 source launch/shell_line.sh
 
 if [[ "${dry_run}" == 1 ]]; then
   echo "cd $(pwd)"
   shell_line "${setup[@]}"
-  echo "$(shell_line "${cuda_check[@]}") 2>/dev/null || $(shell_line "${cuda_install[@]}")"
   shell_line "${train[@]}"
   echo "# exit status ${preempted_status} (preempted, checkpoint saved), REQUEUE=${requeue}: scontrol requeue \${SLURM_JOB_ID}"
   exit 0
 fi
 
 "${setup[@]}"
-"${cuda_check[@]}" 2>/dev/null || "${cuda_install[@]}"
 echo "gpu_slurm.sh: job ${SLURM_JOB_ID} on ${SLURM_JOB_NUM_NODES:-1} node(s), ${gpus} process(es) per node" >&2
 status=0
 "${train[@]}" || status=$?

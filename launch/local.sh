@@ -5,7 +5,9 @@
 #       [--config.key=value ...]
 #
 # Defaults: --config=configs/synthetic.py --workdir=runs/synthetic. Rerunning
-# with the same workdir resumes from the latest checkpoint.
+# with the same workdir resumes from the latest checkpoint. On a GPU or TPU
+# host launch/setup.sh installs the JAX for it and the job runs there
+# (REVERSE_SD_ACCELERATOR=cpu|cuda12|tpu overrides the detection).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash launch/setup.sh

@@ -14,7 +14,9 @@
 # (default: reverse_sd, under the login directory), e.g.
 #   gcloud compute tpus tpu-vm ssh NAME --zone=ZONE --worker=all \
 #       --command='git clone REPO_URL reverse_sd'
-# Each worker then sets up .venv (launch/setup.sh) plus jax[tpu] on first use.
+# Each worker then sets up .venv with jax[tpu] on first use
+# (REVERSE_SD_ACCELERATOR=tpu launch/setup.sh, which returns at once when
+# nothing changed).
 # --workdir (and config.data.data_dir, unless each worker may build its own
 # copy) must be on a file system that every worker sees, e.g. an NFS
 # (Filestore) or gcsfuse mount: Orbax writes one checkpoint from all workers.
@@ -57,14 +59,10 @@ done
 [[ "${has_config}" == 1 && "${has_workdir}" == 1 ]] ||
   fail "pass --config=configs/X.py[:arg] and --workdir=DIR (shared by all workers)."
 
-jax_version="$(sed -n 's/^jax==//p' requirements.txt)"
-[[ -n "${jax_version}" ]] || fail "no jax==VERSION line in requirements.txt."
-
 # The command each worker runs; every argument quoted for the remote shell.
 quoted_args="$(printf ' %q' "${main_args[@]}")"
-remote="cd $(printf '%q' "${repo_dir}") && bash launch/setup.sh"
-remote+=" && { .venv/bin/python -c \"import libtpu\" 2>/dev/null"
-remote+=" || .venv/bin/python -m pip install --quiet \"jax[tpu]==${jax_version}\"; }"
+remote="cd $(printf '%q' "${repo_dir}")"
+remote+=" && REVERSE_SD_ACCELERATOR=tpu bash launch/setup.sh"
 remote+=" && TF_CPP_MIN_LOG_LEVEL=2 .venv/bin/python -m reverse_sd.main"
 remote+=" --multihost=on${quoted_args}"
 
@@ -75,7 +73,7 @@ fi
 command+=(--worker=all "--command=${remote}")
 
 # shell_line: a command's words as one line a shell reads back the same.
-# shellcheck source=launch/shell_line.sh
+# shellcheck source=launch/shell_line.sh disable=SC1091
 source launch/shell_line.sh
 
 if [[ "${dry_run}" == 1 ]]; then

@@ -41,6 +41,7 @@ from reverse_sd import vocab_metrics
 from reverse_sd.data import datasets
 from reverse_sd.data import pipeline
 from reverse_sd.data import preprocess
+from reverse_sd.ops.cpu import tuning
 from reverse_sd.text import prompt_bank as prompt_bank_lib
 
 # Scalar tags left out of the training curves: final scores are single points
@@ -482,6 +483,7 @@ def analyze(workdir: str | os.PathLike[str], *, step: int | None = None,
 def _main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise SystemExit(f'analyze: unexpected arguments {argv[1:]}')
+  tuning.tune_process()
   try:
     summary = analyze(
         _FLAGS.workdir, step=None if _FLAGS.step < 0 else _FLAGS.step,

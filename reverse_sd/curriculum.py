@@ -36,6 +36,8 @@ import jax
 import ml_collections
 import numpy as np
 
+from reverse_sd.ops.cpu import tuning
+
 SCORES_FORMAT_VERSION = 1
 SCORES_FILE_NAME = 'curriculum_scores.npz'
 CHECKPOINT_WEIGHTINGS = ('linear', 'uniform', 'last')
@@ -399,6 +401,7 @@ def _main(argv: Sequence[str]) -> None:
   absl_logging.set_verbosity(absl_logging.INFO)
   if len(argv) != 2 or argv[1] not in ('score', 'compare'):
     raise SystemExit(_USAGE)
+  tuning.tune_process()
   workdir = pathlib.Path(_FLAGS.workdir)
   config = load_run_config(workdir)
   if argv[1] == 'compare':

@@ -101,6 +101,7 @@ from scipy.linalg import blas
 
 from reverse_sd import ensemble
 from reverse_sd import predictions as predictions_lib
+from reverse_sd.ops.cpu import tuning
 
 DEFAULT_GAMMA = 10.0
 DEFAULT_ALPHA = 1.0
@@ -610,6 +611,7 @@ def run_dakl(workdirs: Sequence[str], *, split: str,
 def _main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise SystemExit(f'dakl: unexpected arguments {argv[1:]}')
+  tuning.tune_process()
   parse_list = predictions_lib.parse_list
   parse_floats = predictions_lib.parse_floats
   try:

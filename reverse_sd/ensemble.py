@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from reverse_sd import predictions as predictions_lib
+from reverse_sd.ops.cpu import tuning
 
 DEFAULT_NUM_STEPS = 300
 DEFAULT_LEARNING_RATE = 0.5
@@ -238,6 +239,7 @@ def run_ensemble(workdirs: Sequence[str], *, splits: Sequence[str],
 def _main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise SystemExit(f'ensemble: unexpected arguments {argv[1:]}')
+  tuning.tune_process()
   try:
     workdirs = predictions_lib.parse_list(_FLAGS.workdirs, 'workdirs')
     weights = None

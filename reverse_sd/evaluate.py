@@ -108,8 +108,8 @@ def make_predict_step(model, mesh: Mesh, params_shardings: Any,
   names the SD folder of the contexts the model reads ('' if none).
   """
   batch_sharding = sharding.batch_sharding(mesh)
-  chunk_sharding = NamedSharding(mesh, P(None, sharding.DATA_AXIS))
-  data_size = mesh.shape[sharding.DATA_AXIS]
+  chunk_sharding = NamedSharding(mesh, P(None, sharding.batch_axes(mesh)))
+  data_size = sharding.batch_shards(mesh)
   micro_batch = resolve_micro_batch(micro_batch)
 
   def forward(params, inputs):

@@ -68,7 +68,8 @@ def cache_key(model_config, data_identity: str, input_shape: tuple[int, ...],
   description = {
       'backbone': model_config.backbone, 'variant': model_config.variant,
       'projection': bool(model_config.get('vit_projection', False)),
-      'dtype': model_config.dtype, 'image_mean': list(model_config.image_mean),
+      'dtype': str(reverse_model.compute_dtype(model_config)),
+      'image_mean': list(model_config.image_mean),
       'image_std': list(model_config.image_std),
       'input_shape': list(input_shape), 'data': data_identity,
       'weights': weights_identity}

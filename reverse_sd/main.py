@@ -32,6 +32,7 @@ from ml_collections import config_flags
 
 from reverse_sd import distributed
 from reverse_sd import train
+from reverse_sd.ops.cpu import tuning
 
 # Exit status after a preemption notice: a checkpoint was saved but the run
 # is not finished (no results.json); rerun the same command to resume. Not
@@ -95,6 +96,7 @@ def main(argv):
     distributed.initialize(_MULTIHOST.value, coordinator)
   except ValueError as e:  # Bad or missing multi-process flags.
     raise app.UsageError(str(e)) from e
+  tuning.tune_process()
   logging.info('JAX %s: %s.', jax.__version__, distributed.describe())
   try:
     results = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)

@@ -8,107 +8,21 @@ parameters train at the full learning rate. A multiplier of 0 freezes the
 group: its gradients are zeroed before clipping (so they do not count in the
 global norm), and it gets no AdamW update or weight decay.
 
-The global norm of the gradients (clipping, and the `grad_norm` metric) is
-`global_norm`, computed as `config.optim.grad_norm` says:
-  'auto'        on the CPU backend in a one-device process, with float32
-                gradients, one fused C++ pass over every gradient
-                (`models/cpu_sum_squares.cc`; XLA:CPU materialises the
-                squares, then runs a tree of reduce-window loops);
-                `optax.tree.norm` elsewhere. On
-                several devices the kernel would see gathered gradients, so
-                'auto' keeps XLA's reduction there.
-  'xla'         always `optax.tree.norm`.
-  'cpu_kernel'  the kernel, or an error saying why it cannot run.
-The kernel sums in float32 chunks of 16K values and adds the chunk totals in
-double, in a fixed order; `optax.tree.norm` differs from it by rounding.
+Clipping is `optax.clip_by_global_norm`; the `grad_norm` metric is
+`optax.tree.norm` of the same gradients, so XLA computes it once.
 """
 
 from collections.abc import Sequence
 import re
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import optax
 
 from reverse_sd import sharding
-from reverse_sd.models import cpu_kernels
 
 FROZEN = 'frozen'
 DEFAULT_GROUP = 'default'
-GRAD_NORMS = ('auto', 'xla', 'cpu_kernel')
-
-
-@jax.custom_jvp
-def _sum_squares(*leaves):
-  """sum_i sum(leaves[i] ** 2) of float32 arrays as one FFI call."""
-  return jax.ffi.ffi_call('rsd_sum_squares',
-                          jax.ShapeDtypeStruct((), jnp.float32),
-                          vmap_method='sequential')(*leaves)
-
-
-@_sum_squares.defjvp
-def _sum_squares_jvp(primals, tangents):
-  return _sum_squares(*primals), 2 * sum(
-      jnp.vdot(x, t) for x, t in zip(primals, tangents))
-
-
-def _kernel_unavailable(leaves, impl: str) -> str | None:
-  """Why `global_norm` cannot use the kernel on `leaves` (None: it can)."""
-  if impl == 'auto' and jax.device_count() > 1:
-    return (f'{jax.device_count()} devices (the kernel would gather sharded '
-            'gradients)')
-  dtypes = sorted({str(x.dtype) for x in leaves if x.dtype != jnp.float32})
-  if dtypes:
-    return f'dtypes {dtypes} (the kernel is float32)'
-  return cpu_kernels.unavailable_reason()
-
-
-def global_norm(tree, impl: str = 'auto') -> jax.Array:
-  """The L2 norm of all arrays of `tree` together (`optax.tree.norm`).
-
-  Args:
-    tree: a pytree of arrays.
-    impl: 'auto', 'xla' or 'cpu_kernel' (`GRAD_NORMS`; the module docstring).
-
-  Returns:
-    A float32 scalar (the arrays' dtype with 'xla').
-  """
-  if impl not in GRAD_NORMS:
-    raise ValueError(f'config.optim.grad_norm={impl!r}; expected one of '
-                     f'{GRAD_NORMS}.')
-  leaves = jax.tree.leaves(tree)
-  if impl == 'xla' or not leaves:
-    return optax.tree.norm(tree)
-  reason = _kernel_unavailable(leaves, impl)
-  if reason is None:
-    return jnp.sqrt(_sum_squares(*leaves))
-  if impl == 'cpu_kernel':
-    raise ValueError(f"config.optim.grad_norm='cpu_kernel' cannot run: "
-                     f'{reason}.')
-  unavailable = cpu_kernels.unavailable_reason()
-  if unavailable and jax.default_backend() == 'cpu':
-    cpu_kernels.warn_unavailable('The fused gradient norm', 'optax.tree.norm',
-                                 unavailable)
-  return optax.tree.norm(tree)
-
-
-def clip_by_global_norm(max_norm: float,
-                        impl: str = 'auto') -> optax.GradientTransformation:
-  """`optax.clip_by_global_norm` with the norm of `global_norm(.., impl)`."""
-
-  def update_fn(updates, state, params=None):
-    del params
-    g_norm = global_norm(updates, impl)
-    trigger = g_norm < max_norm
-
-    def clip_fn(t):
-      return jax.lax.select(trigger, t,
-                            (t / g_norm.astype(t.dtype)) * max_norm)
-
-    return jax.tree.map(clip_fn, updates), state
-
-  return optax.GradientTransformation(optax.init_empty_state, update_fn)
 
 
 def learning_rate_schedule(optim_config: ml_collections.ConfigDict,
@@ -178,10 +92,6 @@ def create_optimizer(
   schedule = learning_rate_schedule(optim_config, total_steps)
   groups = tuple(extra_groups) + tuple(optim_config.get('param_groups', ()))
   compiled = _check_groups(groups)
-  grad_norm = optim_config.get('grad_norm', 'auto')
-  if grad_norm not in GRAD_NORMS:
-    raise ValueError(f'config.optim.grad_norm={grad_norm!r}; expected one of '
-                     f'{GRAD_NORMS}.')
 
   def adamw(multiplier: float) -> optax.GradientTransformation:
     lr = schedule if multiplier == 1 else (
@@ -193,7 +103,7 @@ def create_optimizer(
   chain = []
   if not compiled:
     if optim_config.grad_clip_norm > 0:
-      chain.append(clip_by_global_norm(optim_config.grad_clip_norm, grad_norm))
+      chain.append(optax.clip_by_global_norm(optim_config.grad_clip_norm))
     chain.append(adamw(1.0))
     return optax.chain(*chain), schedule
 
@@ -202,7 +112,7 @@ def create_optimizer(
   # Frozen gradients are zeroed first, so they do not count in the norm.
   chain.append(optax.masked(optax.set_to_zero(), frozen))
   if optim_config.grad_clip_norm > 0:
-    chain.append(clip_by_global_norm(optim_config.grad_clip_norm, grad_norm))
+    chain.append(optax.clip_by_global_norm(optim_config.grad_clip_norm))
   transforms = {DEFAULT_GROUP: adamw(1.0), FROZEN: optax.set_to_zero()}
   for _, multiplier in compiled:
     if multiplier > 0:

@@ -49,6 +49,7 @@ from reverse_sd import sharding
 from reverse_sd.data import preprocess
 from reverse_sd.models import reverse_model
 from reverse_sd.models import whitebox
+from reverse_sd.ops.cpu import tuning
 from reverse_sd.text import prompt_bank as prompt_bank_lib
 
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.webp', '.bmp', '.gif', '.tif',
@@ -403,6 +404,7 @@ def _main(argv: Sequence[str]) -> None:
   if not inputs:
     raise SystemExit('usage: python -m reverse_sd.predict --workdir=RUN_DIR '
                      '[flags] IMAGE_OR_DIR ...')
+  tuning.tune_process()
   # --max_pixels decides; PIL's limit must not refuse what it allows.
   Image.MAX_IMAGE_PIXELS = max(Image.MAX_IMAGE_PIXELS or 0, _FLAGS.max_pixels)
   warnings.simplefilter('ignore', Image.DecompressionBombWarning)

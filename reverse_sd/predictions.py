@@ -359,6 +359,8 @@ def parse_floats(text: str, flag: str) -> list[float]:
 def _main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise SystemExit(f'predictions: unexpected arguments {argv[1:]}')
+  from reverse_sd.ops.cpu import tuning  # pylint: disable=g-import-not-at-top
+  tuning.tune_process()
   try:
     splits = parse_list(_FLAGS.splits, 'splits')
     preds = load_or_predict_many(

@@ -159,11 +159,11 @@ def load_run(workdir: str | pathlib.Path, step: int | None = None, *,
                      f'{checkpointing.checkpoint_dir(workdir)}; it has steps '
                      f'{steps}.')
   vocabulary = load_vocabulary(workdir, config)
-  model = reverse_model.create_model(
-      config.model, vocab_size=len(vocabulary) if vocabulary else 0,
-      vocab_head_input=config.vocab.head_input)
   if mesh is None:
     mesh = sharding.make_mesh(config.mesh.axes, config.mesh.shape)
+  model = reverse_model.create_model(
+      config.model, vocab_size=len(vocabulary) if vocabulary else 0,
+      vocab_head_input=config.vocab.head_input, mesh=mesh)
   input_shape = model_input_shape(config.data)
   abstract = _abstract_state(config, model, input_shape)
   state_shardings = state_lib.state_shardings(
@@ -181,4 +181,4 @@ def load_run(workdir: str | pathlib.Path, step: int | None = None, *,
 
 def data_batch_multiple(run: Run) -> int:
   """Batch sizes of `run.predict_step` must be multiples of this."""
-  return int(run.mesh.shape[sharding.DATA_AXIS]) * jax.process_count()
+  return sharding.batch_shards(run.mesh) * jax.process_count()

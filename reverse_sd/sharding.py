@@ -21,6 +21,9 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 import numpy as np
 
 DATA_AXIS = 'data'
+FSDP_AXIS = 'fsdp'  # A mesh axis for FSDP apart from 'data' (optional).
+# The mesh axes that split the batch (those the mesh has).
+BATCH_AXES = (DATA_AXIS, FSDP_AXIS)
 MODEL_AXIS = 'model'  # The axis of the models' tensor-parallel rules.
 
 FSDP = 'fsdp'
@@ -348,9 +351,20 @@ def describe(abstract_tree: Any, shardings: Any) -> str:
           f'{len(leaves)} arrays split')
 
 
+def batch_axes(mesh: Mesh) -> tuple[str, ...]:
+  """The mesh's axes that split the batch: 'data', and 'fsdp' if it has
+  one."""
+  return tuple(a for a in BATCH_AXES if a in mesh.axis_names)
+
+
+def batch_shards(mesh: Mesh) -> int:
+  """How many ways the batch is split (the product of `batch_axes`)."""
+  return math.prod(mesh.shape[a] for a in batch_axes(mesh))
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """Leading (batch) dimension split over the data axis."""
-  return NamedSharding(mesh, P(DATA_AXIS))
+  """Leading (batch) dimension split over the batch axes."""
+  return NamedSharding(mesh, P(batch_axes(mesh)))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -367,9 +381,9 @@ def host_to_global(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str,
 
 def check_batch_divisible(global_batch_size: int, mesh: Mesh) -> None:
   """Raises a clear error when the batch does not split over the devices."""
-  data_size = mesh.shape[DATA_AXIS]
+  data_size = batch_shards(mesh)
   if global_batch_size % data_size or global_batch_size % jax.process_count():
     raise ValueError(
         f'Global batch size {global_batch_size} must be divisible by the '
-        f'{data_size} devices of mesh axis {DATA_AXIS!r} and by the '
+        f'{data_size} devices of mesh axes {batch_axes(mesh)} and by the '
         f'{jax.process_count()} processes.')

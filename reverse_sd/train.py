@@ -27,7 +27,6 @@ from reverse_sd import metrics as metrics_lib
 from reverse_sd import optim
 from reverse_sd import sharding
 from reverse_sd import state as state_lib
-from reverse_sd import xla_cpu
 from reverse_sd.data import datasets
 from reverse_sd.data import pipeline
 from reverse_sd.models import pretrained
@@ -38,15 +37,15 @@ from reverse_sd.text import vocab as vocab_lib
 def make_train_step(model, loss_config: ml_collections.ConfigDict,
                     schedule: optax.Schedule, mesh, state_shardings, *,
                     vocab_loss_weight: float = 0.0,
-                    noise_seed: int = 0, grad_norm: str = 'auto') -> Callable:
+                    noise_seed: int = 0) -> Callable:
   """One jitted, state-donating step: (state, batch) -> (state, metrics).
 
   The loss is cosine + Huber on the embedding, plus `vocab_loss_weight` x the
   vocabulary head's BCE when the batch carries `labels`. A model that draws
   noise (the white-box backbone with `sd_noise` > 0) gets a 'noise' rng from
   `noise_seed` and the step number. The `grad_norm` metric is
-  `optim.global_norm(grads, grad_norm)` (config.optim.grad_norm), the norm
-  that clipping computes, so XLA computes it once.
+  `optax.tree.norm(grads)`, the norm that clipping computes, so XLA computes
+  it once.
   """
 
   def train_step(state, batch):
@@ -70,16 +69,13 @@ def make_train_step(model, loss_config: ml_collections.ConfigDict,
         state.params)
     metrics = metrics_lib.TrainMetrics.single_from_model_output(
         **terms, learning_rate=schedule(state.step),
-        grad_norm=optim.global_norm(grads, grad_norm))
+        grad_norm=optax.tree.norm(grads))
     return state.apply_gradients(grads=grads), metrics
 
-  # XLA:CPU compiler options for this step alone (reverse_sd/xla_cpu.py:
-  # YNNPACK's dots on a one-device AVX-512 CPU; none elsewhere).
   return jax.jit(train_step,
                  in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
                  out_shardings=(state_shardings, sharding.replicated(mesh)),
-                 donate_argnums=0,
-                 compiler_options=xla_cpu.train_step_options() or None)
+                 donate_argnums=0)
 
 
 def total_train_steps(config: ml_collections.ConfigDict,
@@ -176,7 +172,8 @@ def _setup(config, workdir: pathlib.Path, splits) -> _Run:
   total_steps = total_train_steps(config, len(train))
   vocab_size = (0 if train.labels is None else train.labels.shape[1])
   model = reverse_model.create_model(config.model, vocab_size=vocab_size,
-                                     vocab_head_input=config.vocab.head_input)
+                                     vocab_head_input=config.vocab.head_input,
+                                     mesh=mesh)
   stages = curriculum_lib.stages_for_run(config, workdir, train.table.ids,
                                          total_steps)
   # A frozen stage is never updated (or decayed).
@@ -213,8 +210,7 @@ def _setup(config, workdir: pathlib.Path, splits) -> _Run:
       train_step=make_train_step(
           model, config.loss, schedule, mesh, state_shardings,
           vocab_loss_weight=config.vocab.loss_weight,
-          noise_seed=config.seed,
-          grad_norm=config.optim.get('grad_norm', 'auto')),
+          noise_seed=config.seed),
       predict_step=evaluate.make_predict_step(
           model, mesh, state_shardings.params,
           micro_batch=config.eval.get('micro_batch', -1)),

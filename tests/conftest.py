@@ -37,7 +37,7 @@ def pytest_configure(config):
   if hasattr(config, 'workerinput'):  # An xdist worker: the controller built.
     return
   # pylint: disable=g-import-not-at-top
-  from reverse_sd.models import cpu_kernels
+  from reverse_sd.ops.cpu import kernels as cpu_kernels
   try:
     cpu_kernels.build()
   except (RuntimeError, OSError):

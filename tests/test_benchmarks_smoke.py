@@ -7,9 +7,7 @@ No timing is asserted: these check that the scripts produce their numbers
 import argparse
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import pytest
 
 from benchmarks import common
 from benchmarks import scaling
@@ -46,6 +44,10 @@ def test_jax_measurement_counts_flops_on_a_tiny_model():
   assert 0 < result['infer']['flops_per_image'] < train['flops_per_image']
   assert train['compile_s'] > 0 and len(train['times_s']) == 1
   assert result['peak_rss_mb'] > 0 and result['param_count'] > 0
+  # The ConvNet's ops as the model resolved them ('auto' on CPU).
+  assert result['attention_implementation'] is None, result
+  assert result['conv_implementation'] in ('xla', 'cpu_kernel'), result
+  assert result['train_attention_calls'] == {}, result
 
   summary = train_step.summarize_case(
       {'jax': [result], 'torch_eager': [{'error': 'exit 1'}]},
@@ -56,6 +58,53 @@ def test_jax_measurement_counts_flops_on_a_tiny_model():
       {'tiny': {'summary': summary, 'ratios': train_step.ratios(summary)}})
   assert 'torch_eager (failed)' in table and 'GFLOP/img' in table
   assert 'train_jax_over_torch_eager = -' in table
+  assert 'tiny: jax ops: attention - (fused attention in the compiled train ' \
+         'step: none), conv ' in table, table
+
+
+def test_attention_kernel_report_reads_the_compiled_hlo():
+  hlo = '\n'.join([
+      '%a = f32[2] custom-call(%x), custom_call_target="__cublas$gemm"',
+      '%b = bf16[2] custom-call(%y), custom_call_target="__cudnn$fmhaSoftmax"',
+      '%c = bf16[2] custom-call(%y), custom_call_target="__cudnn$fmhaSoftmax"',
+      '%d = f32[2] custom-call(%z), custom_call_target="__gpu$xla.gpu.triton"',
+  ])
+  calls = train_step.custom_calls(hlo)
+  assert calls['__cudnn$fmhaSoftmax'] == 2 and len(calls) == 3, calls
+  assert train_step.attention_calls(calls) == {
+      '__cudnn$fmhaSoftmax': 2, '__gpu$xla.gpu.triton': 1}
+  line = train_step.describe_ops(dict(
+      attention='cudnn', attention_calls={'__cudnn$fmhaSoftmax': 2},
+      conv=None, peak_device_gib=12.25))
+  assert line == ('attention cudnn (fused attention in the compiled train '
+                  'step: __cudnn$fmhaSoftmax x2), peak device memory 12.2 '
+                  'GiB'), line
+
+
+def test_op_flags_offer_what_the_op_layer_accepts():
+  # train_step.py spells the choices out so that its driver imports no JAX.
+  from reverse_sd.ops import attention  # pylint: disable=g-import-not-at-top
+  from reverse_sd.ops import conv  # pylint: disable=g-import-not-at-top
+  assert train_step.CONV_CHOICES == conv.CHOICES
+  assert train_step.ATTENTION_CHOICES == attention.CHOICES
+
+
+def test_gpu_sh_cases_parse_and_its_model_reports_its_attention():
+  # The full `bash benchmarks/gpu.sh --quick` compiles a ViT twice (minutes
+  # on 2 shared cores); here: its cases, and the attention op of the tiny
+  # ViT it runs, without compiling.
+  from reverse_sd.models import reverse_model  # pylint: disable=g-import-not-at-top
+  text = (common.REPO / 'benchmarks' / 'gpu.sh').read_text()
+  cases = text.split("cases='", 1)[1].split("'", 1)[0]
+  parsed = common.parse_cases(cases)
+  assert [(c['name'], c['train_batch']) for c in parsed] == [
+      ('vit_l14', 32), ('sd21_unet', 32)], parsed
+  case, = common.parse_cases('vit_l14', quick=True)
+  args = train_step._parse_args(['--quick', '--dtype=bfloat16'])  # pylint: disable=protected-access
+  config = train_step._config_for(train_step.make_spec(case, args))  # pylint: disable=protected-access
+  for platform, expected in (('cpu', 'xla'), ('cuda', 'cudnn')):
+    model = reverse_model.create_model(config.model, platform=platform)
+    assert model.backbone.attention.implementation == expected, platform
 
 
 def test_format_table_aligns_and_marks_missing():
@@ -108,37 +157,23 @@ def test_profile_attributes_op_time_to_the_model_code(tmp_path):
 
 
 def test_ab_step_builds_both_versions_and_times_them():
-  # One change of each kind (a config flag, a swapped function, compiler
-  # options); the other config flags are checked without building.
   from benchmarks import ab_step  # pylint: disable=g-import-not-at-top
-  from reverse_sd.models import dense  # pylint: disable=g-import-not-at-top
-  before = dense._bias_grad_as_product  # pylint: disable=protected-access
-  for change in ('micro_batch', 'bias_grad', 'ynn', 'ynn_dots'):
+  assert set(ab_step.CHANGES) == {'conv', 'micro_batch'}
+  for change in ('micro_batch',):
     args = ab_step._parse_args(  # pylint: disable=protected-access
         ['--quick', f'--change={change}', '--cases=convnet_small'])
     result = ab_step.run(args, devices=jax.devices()[:1])
     for key in ('A', 'B'):
       assert len(result['times_s'][key]['train']) == args.rounds
       assert result['summary'][key]['infer']['median_s'] > 0
-    if change in ('ynn', 'ynn_dots'):
-      # One version compiles without YNNPACK; this process (reverse_sd's
-      # default for 8 CPU devices) too, so the other does as well: the
-      # script itself asks for REVERSE_SD_XLA_CPU_DEFAULTS=0 (ynn) or one
-      # device on an AVX-512 CPU (ynn_dots) to compare.
-      assert result['uses_ynn'] == {'A': False, 'B': False}
-  # The swapped function is put back.
-  assert dense._bias_grad_as_product is before  # pylint: disable=protected-access
   # Every config-flag change names a flag that make_spec passes on, with a
   # value the model accepts.
   args = ab_step._parse_args(['--quick'])  # pylint: disable=protected-access
   case, = common.parse_cases('vit_b16', quick=True)
-  for change in ab_step.CHANGES.values():
-    if (isinstance(change, tuple) and isinstance(change[0], str)
-        and change[0] != 'compile_b'):
-      flag, value = change
-      spec = train_step.make_spec(case, argparse.Namespace(
-          **dict(vars(args), **{flag: value})))
-      assert spec[flag] == value, (flag, spec)
+  for flag, value in ab_step.CHANGES.values():
+    spec = train_step.make_spec(case, argparse.Namespace(
+        **dict(vars(args), **{flag: value})))
+    assert spec[flag] == value, (flag, spec)
 
 
 def test_kernels_jax_worker_times_every_kernel_and_reports():
@@ -149,7 +184,7 @@ def test_kernels_jax_worker_times_every_kernel_and_reports():
   for name, spec in kernels.QUICK_KERNELS.items():
     if spec['kind'] not in {s['kind'] for s in specs.values()}:
       specs[name] = spec
-  for name in ('attention_grad', 'quick_gelu_grad'):  # jax.vjp paths.
+  for name in ('conv1_grad', 'conv1_relu_grad_xla'):  # jax.vjp paths.
     specs[name] = kernels.QUICK_KERNELS[name]
   result = kernels.measure('jax', specs, threads=1, warmup=0, steps=1)
   assert set(result['kernels']) == set(specs)
@@ -160,12 +195,15 @@ def test_kernels_jax_worker_times_every_kernel_and_reports():
   assert set(kernels.QUICK_KERNELS) == set(kernels.KERNELS)
   table = kernels.summarize({'jax_1t': [result], 'torch_1t': [{}]}, specs)
   report = kernels.format_report(table, ['jax_1t', 'torch_1t'])
-  assert 'attn_softmax' in report and 'ms' in report
+  assert 'conv1_relu_grad_xla' in report and 'GFLOP/s' in report
   assert 'jax/torch 1t' in report
-  # Full-size FLOP counts: the ViT-B/16 MLP product, the attention's two.
-  assert kernels.flops(kernels.KERNELS['vit_fc1']) == 2 * 1576 * 768 * 3072
-  assert kernels.flops(kernels.KERNELS['attention']) == (
-      2 * 2 * 8 * 12 * 197**2 * 64)
+  # Every kernel row has its XLA twin; full-size FLOP counts.
+  for name in kernels.KERNELS:
+    if name.startswith('conv') and not name.endswith('_xla'):
+      assert f'{name}_xla' in kernels.KERNELS, name
+  assert kernels.flops(kernels.KERNELS['matmul_2048']) == 2 * 2048**3
+  assert kernels.flops(kernels.KERNELS['conv1']) == (
+      2 * 64 * 16 * 16 * 9 * 32 * 64)
   for bad in (['--kernels=nope'], ['--threads=0'], ['--frameworks=tf']):
     try:
       kernels._parse_args(bad)  # pylint: disable=protected-access
@@ -173,55 +211,3 @@ def test_kernels_jax_worker_times_every_kernel_and_reports():
       pass
     else:
       raise AssertionError(f'{bad}: expected an error')
-
-
-def test_mkl_dots_without_its_library_says_how_to_build_it(tmp_path):
-  from benchmarks import mkl_dots  # pylint: disable=g-import-not-at-top
-  with pytest.raises(SystemExit, match='bash benchmarks/mkl_dots.sh'):
-    mkl_dots.register(str(tmp_path / 'libmkl_dots.so'))
-  (tmp_path / 'not_a_library.so').write_text('text')
-  with pytest.raises(SystemExit, match='cannot load'):
-    mkl_dots.register(str(tmp_path / 'not_a_library.so'))
-
-
-def test_mkl_dots_sends_only_float32_dense_products_to_mkl(monkeypatch):
-  # MKL itself is not in this environment: a stand-in records the calls.
-  from benchmarks import mkl_dots  # pylint: disable=g-import-not-at-top
-  calls = []
-  monkeypatch.setattr(mkl_dots, 'dot',
-                      lambda x, w: calls.append(x.shape) or x @ w)
-  rng = np.random.default_rng(0)
-  x = rng.standard_normal((2, 3, 4), np.float32)
-  w = rng.standard_normal((4, 5), np.float32)
-  dense_dims = (((2,), (0,)), ((), ()))
-  out = mkl_dots.mkl_flat_dot_general(x, w, dense_dims)
-  assert calls == [(6, 4)] and out.shape == (2, 3, 5)
-  np.testing.assert_allclose(out, np.einsum('btk,kn->btn', x, w), rtol=1e-5)
-  calls.clear()
-  mkl_dots.mkl_flat_dot_general(x.astype(jnp.bfloat16),
-                                w.astype(jnp.bfloat16), dense_dims)
-  batched = rng.standard_normal((2, 4, 5), np.float32)
-  mkl_dots.mkl_flat_dot_general(x, batched, (((2,), (1,)), ((0,), (0,))))
-  assert not calls
-
-
-def test_mkl_dots_against_torch_runs_train_step_with_mkl_workers(
-    monkeypatch):
-  from benchmarks import mkl_dots  # pylint: disable=g-import-not-at-top
-  # Restored after the test: _against_torch replaces it.
-  monkeypatch.setattr(train_step, '_jax_command', train_step._jax_command)  # pylint: disable=protected-access
-  calls = []
-  monkeypatch.setattr(train_step, 'main', calls.append)
-  mkl_dots.main(['--library=/lib/mkl.so', '--against_torch', '--quick',
-                 '--rounds=1'])
-  assert calls == [['--cases=vit_b16',
-                    '--output=benchmarks/results/train_step_mkl_quick.json',
-                    '--rounds=1', '--quick']]
-  calls.clear()
-  mkl_dots.main(['--library=/lib/mkl.so', '--against_torch',
-                 '--output=/tmp/out.json'])
-  assert calls == [['--cases=vit_b16', '--output=/tmp/out.json']]
-  command = train_step._jax_command('jax', spec='{}')  # pylint: disable=protected-access
-  assert command[1].endswith('benchmarks/mkl_dots.py')
-  assert command[2:] == ['--library=/lib/mkl.so', '--train_step_worker',
-                         '--worker=jax', '--spec={}']

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from reverse_sd.models import vit
+from reverse_sd.ops import attention as attention_ops
 
 # transformers' legacy `eos_token_id` (configs written before transformers
 # PR #24773, e.g. SD 1.x's openai/clip-vit-large-patch14 and SD 2.x's
@@ -136,9 +137,11 @@ class ClipTextTransformer(nn.Module):
   Attributes:
     config: the tower's shape.
     dtype: computation dtype (params stay float32).
+    attention: the attention op (reverse_sd/ops/attention.py).
   """
   config: ClipTextConfig
   dtype: jnp.dtype = jnp.float32
+  attention: attention_ops.Attention = attention_ops.Attention()
 
   @nn.compact
   def __call__(self, input_ids_BxT) -> ClipTextOutput:
@@ -155,11 +158,9 @@ class ClipTextTransformer(nn.Module):
                                nn.initializers.normal(0.02),
                                (cfg.max_positions, cfg.width))
     x_BxTxD = x_BxTxD + positions_PxD[:length].astype(x_BxTxD.dtype)
-    causal_1x1xTxT = jnp.tril(jnp.ones((length, length), jnp.bool_))[None,
-                                                                       None]
     for i in range(cfg.layers):
-      x_BxTxD = vit.EncoderLayer(cfg, self.dtype, name=f'layers_{i}')(
-          x_BxTxD, causal_1x1xTxT)
+      x_BxTxD = vit.EncoderLayer(cfg, self.dtype, self.attention,
+                                 name=f'layers_{i}')(x_BxTxD, causal=True)
     x_BxTxD = nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=self.dtype,
                            name='final_layer_norm')(x_BxTxD)
     eos_B = eos_positions(input_ids_BxT, cfg.eos_token_id)

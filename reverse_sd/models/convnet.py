@@ -11,8 +11,7 @@ import dataclasses
 import flax.linen as nn
 import jax.numpy as jnp
 
-from reverse_sd.models import conv
-from reverse_sd.models import dense
+from reverse_sd.ops import conv as conv_ops
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,15 +31,15 @@ class ConvNet(nn.Module):
   """Images [B,H,W,3] (normalised) -> features [B,output_dim]."""
   config: ConvNetConfig
   dtype: jnp.dtype = jnp.float32
-  conv_grad: str = 'auto'  # models/conv.py: conv.GRAD_IMPLS.
+  conv: conv_ops.ConvOp = conv_ops.ConvOp()  # reverse_sd/ops/conv.py.
 
   @nn.compact
   def __call__(self, images_BxHxWx3):
     x = images_BxHxWx3.astype(self.dtype)
     for i, channels in enumerate(self.config.channels):
-      x = conv.Conv(channels, (3, 3), strides=2, padding='SAME',
-                    dtype=self.dtype, grad_impl=self.conv_grad,
-                    activation='relu', name=f'conv{i}')(x)
+      x = conv_ops.Conv(channels, (3, 3), strides=2, padding='SAME',
+                        dtype=self.dtype, activation='relu', op=self.conv,
+                        name=f'conv{i}')(x)
     x = x.reshape(x.shape[0], -1)
-    return nn.relu(dense.Dense(self.config.output_dim, dtype=self.dtype,
+    return nn.relu(nn.Dense(self.config.output_dim, dtype=self.dtype,
                             name='readout')(x))

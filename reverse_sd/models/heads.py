@@ -5,8 +5,6 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from reverse_sd.models import dense
-
 
 def l2_normalize(x, axis: int = -1, eps: float = 1e-6):
   """x / max(||x||, eps), computed in float32."""
@@ -29,6 +27,6 @@ class EmbeddingHead(nn.Module):
   def __call__(self, features_BxF):
     x = features_BxF
     for i, width in enumerate(self.hidden):
-      x = nn.gelu(dense.Dense(width, dtype=self.dtype, name=f'hidden_{i}')(x))
-    x = dense.Dense(self.embedding_dim, dtype=self.dtype, name='projection')(x)
+      x = nn.gelu(nn.Dense(width, dtype=self.dtype, name=f'hidden_{i}')(x))
+    x = nn.Dense(self.embedding_dim, dtype=self.dtype, name='projection')(x)
     return l2_normalize(x)

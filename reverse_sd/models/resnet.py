@@ -12,11 +12,10 @@ and at any batch size), and configurable widths and depths.
 import dataclasses
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
-from reverse_sd.models import conv as conv_lib
-from reverse_sd.models import dense
+from reverse_sd.ops import attention as attention_ops
+from reverse_sd.ops import conv as conv_ops
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,14 +58,13 @@ class Bottleneck(nn.Module):
   stride: int
   groups: int
   dtype: jnp.dtype = jnp.float32
-  conv_grad: str = 'auto'
+  conv: conv_ops.ConvOp = conv_ops.ConvOp()
 
   @nn.compact
   def __call__(self, x):
-    conv = lambda c, k, name: conv_lib.Conv(c, (k, k), padding='SAME',
+    conv = lambda c, k, name: conv_ops.Conv(c, (k, k), padding='SAME',
                                             use_bias=False, dtype=self.dtype,
-                                            grad_impl=self.conv_grad,
-                                            name=name)
+                                            op=self.conv, name=name)
     norm = lambda name: nn.GroupNorm(num_groups=self.groups, dtype=self.dtype,
                                      name=name)
     out_planes = self.planes * 4
@@ -90,6 +88,7 @@ class AttentionPool(nn.Module):
   heads: int
   output_dim: int
   dtype: jnp.dtype = jnp.float32
+  attention: attention_ops.Attention = attention_ops.Attention()
 
   @nn.compact
   def __call__(self, x_BxHxWxC):
@@ -102,11 +101,11 @@ class AttentionPool(nn.Module):
     x = x + pos.astype(x.dtype)
     head_dim = channels // self.heads
     split = lambda y: y.reshape(*y.shape[:-1], self.heads, head_dim)
-    linear = lambda c, name: dense.Dense(c, dtype=self.dtype, name=name)
+    linear = lambda c, name: nn.Dense(c, dtype=self.dtype, name=name)
     q = split(linear(channels, 'q_proj')(x[:, :1]))
     k = split(linear(channels, 'k_proj')(x))
     v = split(linear(channels, 'v_proj')(x))
-    out = jax.nn.dot_product_attention(q, k, v)[:, 0]
+    out = self.attention(q, k, v)[:, 0]
     return linear(self.output_dim, 'c_proj')(out.reshape(batch, channels))
 
 
@@ -114,7 +113,8 @@ class ResNet(nn.Module):
   """Images [B,H,W,3] (normalised) -> pooled features [B,output_dim]."""
   config: ResNetConfig
   dtype: jnp.dtype = jnp.float32
-  conv_grad: str = 'auto'  # models/conv.py: conv.GRAD_IMPLS.
+  conv: conv_ops.ConvOp = conv_ops.ConvOp()  # reverse_sd/ops/conv.py.
+  attention: attention_ops.Attention = attention_ops.Attention()
 
   @nn.compact
   def __call__(self, images_BxHxWx3):
@@ -123,9 +123,9 @@ class ResNet(nn.Module):
     x = images_BxHxWx3.astype(self.dtype)
     stem = ((cfg.width // 2, 2), (cfg.width // 2, 1), (cfg.width, 1))
     for i, (channels, stride) in enumerate(stem, start=1):
-      x = conv_lib.Conv(channels, (3, 3), strides=stride, padding='SAME',
-                        use_bias=False, dtype=self.dtype,
-                        grad_impl=self.conv_grad, name=f'stem_conv{i}')(x)
+      x = conv_ops.Conv(channels, (3, 3), strides=stride, padding='SAME',
+                        use_bias=False, dtype=self.dtype, op=self.conv,
+                        name=f'stem_conv{i}')(x)
       x = nn.relu(nn.GroupNorm(num_groups=min(groups, channels),
                                dtype=self.dtype, name=f'stem_norm{i}')(x))
     x = _avg_pool(x, 2)
@@ -133,13 +133,13 @@ class ResNet(nn.Module):
       for block in range(blocks):
         stride = 2 if stage > 0 and block == 0 else 1
         x = Bottleneck(cfg.width * 2**stage, stride, groups, self.dtype,
-                       self.conv_grad, name=f'layer{stage + 1}_{block}')(x)
+                       self.conv, name=f'layer{stage + 1}_{block}')(x)
     if cfg.pool == 'attention':
       return AttentionPool(cfg.heads, cfg.output_dim, self.dtype,
-                           name='attnpool')(x)
+                           self.attention, name='attnpool')(x)
     if cfg.pool == 'flatten':
       x = x.reshape(x.shape[0], -1)
-      return nn.gelu(dense.Dense(cfg.output_dim, dtype=self.dtype,
+      return nn.gelu(nn.Dense(cfg.output_dim, dtype=self.dtype,
                               name='flatten_proj')(x))
     raise ValueError(f'ResNetConfig.pool={cfg.pool!r}; expected '
                      "'attention' or 'flatten'.")

@@ -12,15 +12,14 @@ import flax.linen as nn
 import jax.numpy as jnp
 import ml_collections
 
-from reverse_sd.models import conv
-from reverse_sd.models import cpu_attention
-from reverse_sd.models import dense
 from reverse_sd.models import convnet
 from reverse_sd.models import heads
-from reverse_sd.models import layer_norm
 from reverse_sd.models import resnet
 from reverse_sd.models import vit
 from reverse_sd.models import whitebox
+from reverse_sd.ops import attention as attention_ops
+from reverse_sd.ops import conv as conv_ops
+from reverse_sd.ops import platform as ops_platform
 
 BACKBONES = {
     'clip_resnet': (resnet.ResNet, resnet.VARIANTS),
@@ -68,7 +67,7 @@ class ReverseModel(nn.Module):
     if self.vocab_size:
       source = out['embedding' if self.vocab_head_input == 'embedding'
                    else 'features']
-      out['word_logits'] = dense.Dense(self.vocab_size, dtype=jnp.float32,
+      out['word_logits'] = nn.Dense(self.vocab_size, dtype=jnp.float32,
                                     name='vocab_head')(
                                         source.astype(jnp.float32))
     return out
@@ -116,10 +115,27 @@ def frozen_stage_weights(model_config: ml_collections.ConfigDict) -> str:
   return model_config.init_from
 
 
+def compute_dtype(model_config: ml_collections.ConfigDict,
+                  platform: str | None = None) -> jnp.dtype:
+  """`config.model.dtype` as a dtype; 'auto' is bfloat16 on accelerators
+  (GPU, TPU) and float32 on CPU. Parameters and optimiser state stay float32
+  either way."""
+  return ops_platform.compute_dtype(model_config.get('dtype', 'auto'),
+                                    platform)
+
+
 def create_model(model_config: ml_collections.ConfigDict,
                  embedding_dim: int = 384, *, vocab_size: int = 0,
-                 vocab_head_input: str = 'embedding') -> ReverseModel:
-  """Builds the model named by `config.model` with clear errors on typos."""
+                 vocab_head_input: str = 'embedding', mesh=None,
+                 platform: str | None = None) -> ReverseModel:
+  """Builds the model named by `config.model` with clear errors on typos.
+
+  The ops' implementations are chosen here, once (reverse_sd/ops/):
+  `config.model.attention` and `config.model.conv` ('auto' or a name) for
+  `platform` (default: JAX's default backend; pass 'tpu' or 'cuda' to build
+  a model to lower for that platform from another host). `mesh`, the mesh
+  the model runs on, lets a fused kernel run under `shard_map`.
+  """
   if model_config.backbone not in (*BACKBONES, WHITEBOX):
     raise ValueError(f'config.model.backbone={model_config.backbone!r}; '
                      f'expected one of {sorted([*BACKBONES, WHITEBOX])}.')
@@ -129,36 +145,26 @@ def create_model(model_config: ml_collections.ConfigDict,
       raise ValueError(f'config.model.variant={model_config.variant!r} is not '
                        f'a {model_config.backbone} variant; expected one of '
                        f'{sorted(variants)}.')
-  try:
-    dtype = jnp.dtype(model_config.dtype)
-  except TypeError as e:
-    raise ValueError(f'config.model.dtype={model_config.dtype!r} is not a '
-                     'dtype name (e.g. float32, bfloat16).') from e
+  dtype = compute_dtype(model_config, platform)
   if vocab_head_input not in ('embedding', 'features'):
     raise ValueError(f'config.vocab.head_input={vocab_head_input!r}; expected '
                      "'embedding' or 'features'.")
   extra = {}
+  attention = attention_ops.choose(model_config.get('attention', 'auto'),
+                                   platform, mesh)
   if model_config.backbone in ('convnet', 'clip_resnet'):
-    extra['conv_grad'] = model_config.get('conv_grad', 'auto')
-    if extra['conv_grad'] not in conv.GRAD_IMPLS:
-      raise ValueError(f'config.model.conv_grad={extra["conv_grad"]!r}; '
-                       f'expected one of {conv.GRAD_IMPLS}.')
-  if model_config.backbone == 'vit':
-    extra['attention'] = model_config.get('attention', 'auto')
-    if extra['attention'] not in cpu_attention.IMPLS:
-      raise ValueError(f'config.model.attention={extra["attention"]!r}; '
-                       f'expected one of {cpu_attention.IMPLS}.')
-    extra['layer_norm'] = model_config.get('layer_norm', 'auto')
-    if extra['layer_norm'] not in layer_norm.IMPLS:
-      raise ValueError(f'config.model.layer_norm={extra["layer_norm"]!r}; '
-                       f'expected one of {layer_norm.IMPLS}.')
+    extra['conv'] = conv_ops.choose(model_config.get('conv', 'auto'),
+                                    platform, mesh)
+  if model_config.backbone in ('vit', 'clip_resnet'):
+    extra['attention'] = attention
   if model_config.get('vit_projection', False):
     if model_config.backbone != 'vit':
       raise ValueError('config.model.vit_projection=True needs backbone '
                        f"'vit', not {model_config.backbone!r}.")
     extra['use_projection'] = True
   if model_config.backbone == WHITEBOX:
-    backbone = whitebox.create_backbone(model_config, dtype, name='backbone')
+    backbone = whitebox.create_backbone(model_config, dtype, name='backbone',
+                                        attention=attention)
   else:
     backbone = module_cls(variants[model_config.variant], dtype=dtype,
                           name='backbone', **extra)

@@ -35,9 +35,8 @@ import math
 import flax.linen as nn
 import jax.numpy as jnp
 
-from reverse_sd.models import conv
-from reverse_sd.models import dense
 from reverse_sd.models import sd_vae
+from reverse_sd.ops import attention as attention_ops
 
 CROSS_ATTN_DOWN_BLOCK = 'CrossAttnDownBlock2D'
 DOWN_BLOCK = 'DownBlock2D'
@@ -197,28 +196,30 @@ class TimestepEmbedding(nn.Module):
 
   @nn.compact
   def __call__(self, x_BxD):
-    x = dense.Dense(self.features, dtype=self.dtype, name='linear_1')(x_BxD)
-    return dense.Dense(self.features, dtype=self.dtype,
+    x = nn.Dense(self.features, dtype=self.dtype, name='linear_1')(x_BxD)
+    return nn.Dense(self.features, dtype=self.dtype,
                     name='linear_2')(nn.silu(x))
 
 
 class Attention(nn.Module):
   """diffusers `Attention` of a BasicTransformerBlock: to_q/to_k/to_v without
-  bias, to_out with bias; self-attention when `context` is None."""
+  bias, to_out with bias; self-attention when `context` is None. `op` runs
+  the attention itself (reverse_sd/ops/attention.py)."""
   heads: int
   upcast: bool = False
   dtype: jnp.dtype = jnp.float32
+  op: attention_ops.Attention = attention_ops.Attention()
 
   @nn.compact
   def __call__(self, x_BxTxD, context_BxSxE=None):
     width = x_BxTxD.shape[-1]
     context = x_BxTxD if context_BxSxE is None else context_BxSxE
-    linear = lambda name, src: dense.Dense(width, use_bias=False,
+    linear = lambda name, src: nn.Dense(width, use_bias=False,
                                        dtype=self.dtype, name=name)(src)
     out = sd_vae.dot_product_attention(
         linear('to_q', x_BxTxD), linear('to_k', context),
-        linear('to_v', context), self.heads, self.upcast)
-    return dense.Dense(width, dtype=self.dtype, name='to_out')(out)
+        linear('to_v', context), self.heads, self.op, self.upcast)
+    return nn.Dense(width, dtype=self.dtype, name='to_out')(out)
 
 
 class FeedForward(nn.Module):
@@ -231,10 +232,10 @@ class FeedForward(nn.Module):
   def __call__(self, x_BxTxD):
     width = x_BxTxD.shape[-1]
     inner = 4 * width
-    h = dense.Dense(2 * inner, dtype=self.dtype, name='geglu_proj')(x_BxTxD)
+    h = nn.Dense(2 * inner, dtype=self.dtype, name='geglu_proj')(x_BxTxD)
     value, gate = jnp.split(h, 2, axis=-1)
     h = value * nn.gelu(gate, approximate=False)
-    return dense.Dense(width, dtype=self.dtype, name='out_proj')(h)
+    return nn.Dense(width, dtype=self.dtype, name='out_proj')(h)
 
 
 class BasicTransformerBlock(nn.Module):
@@ -243,6 +244,7 @@ class BasicTransformerBlock(nn.Module):
   heads: int
   upcast_attention: bool = False
   dtype: jnp.dtype = jnp.float32
+  attention: attention_ops.Attention = attention_ops.Attention()
 
   @nn.compact
   def __call__(self, x_BxTxD, context_BxSxE):
@@ -250,7 +252,7 @@ class BasicTransformerBlock(nn.Module):
                                      use_fast_variance=False,
                                      dtype=self.dtype, name=name)
     attention = lambda name: Attention(self.heads, self.upcast_attention,
-                                       self.dtype, name=name)
+                                       self.dtype, self.attention, name=name)
     x = x_BxTxD
     x = x + attention('attn1')(norm('norm1')(x))
     x = x + attention('attn2')(norm('norm2')(x), context_BxSxE)
@@ -266,6 +268,7 @@ class Transformer2D(nn.Module):
   groups: int
   upcast_attention: bool = False
   dtype: jnp.dtype = jnp.float32
+  attention: attention_ops.Attention = attention_ops.Attention()
 
   @nn.compact
   def __call__(self, x_BxHxWxC, context_BxSxE):
@@ -273,12 +276,13 @@ class Transformer2D(nn.Module):
     h = sd_vae.group_norm(self.groups, TRANSFORMER_GROUP_NORM_EPS, self.dtype,
                           'norm')(x_BxHxWxC)
     h = h.reshape(batch, height * width, channels)
-    h = dense.Dense(channels, dtype=self.dtype, name='proj_in')(h)
+    h = nn.Dense(channels, dtype=self.dtype, name='proj_in')(h)
     for k in range(self.num_layers):
       h = BasicTransformerBlock(self.heads, self.upcast_attention, self.dtype,
+                                self.attention,
                                 name=f'transformer_blocks_{k}')(
                                     h, context_BxSxE)
-    h = dense.Dense(channels, dtype=self.dtype, name='proj_out')(h)
+    h = nn.Dense(channels, dtype=self.dtype, name='proj_out')(h)
     return x_BxHxWxC + h.reshape(batch, height, width, channels)
 
 
@@ -289,6 +293,7 @@ class DownBlock(nn.Module):
   config: UNetConfig
   index: int
   dtype: jnp.dtype = jnp.float32
+  attention: attention_ops.Attention = attention_ops.Attention()
 
   @nn.compact
   def __call__(self, x_BxHxWxC, temb_BxT, context_BxSxE):
@@ -304,7 +309,7 @@ class DownBlock(nn.Module):
         x = Transformer2D(cfg.num_attention_heads[i],
                           cfg.transformer_layers_per_block[i],
                           cfg.norm_num_groups, cfg.upcast_attention,
-                          self.dtype, name=f'attentions_{j}')(
+                          self.dtype, self.attention, name=f'attentions_{j}')(
                               x, context_BxSxE)
     if i != len(cfg.block_out_channels) - 1:
       x = sd_vae.Downsample2D(channels, cfg.downsample_padding, self.dtype,
@@ -316,6 +321,7 @@ class MidBlock(nn.Module):
   """diffusers `UNetMidBlock2DCrossAttn`: resnet, Transformer2D, resnet."""
   config: UNetConfig
   dtype: jnp.dtype = jnp.float32
+  attention: attention_ops.Attention = attention_ops.Attention()
 
   @nn.compact
   def __call__(self, x_BxHxWxC, temb_BxT, context_BxSxE):
@@ -327,7 +333,7 @@ class MidBlock(nn.Module):
     x = Transformer2D(cfg.num_attention_heads[-1],
                       cfg.transformer_layers_per_block[-1],
                       cfg.norm_num_groups, cfg.upcast_attention, self.dtype,
-                      name='attentions_0')(x, context_BxSxE)
+                      self.attention, name='attentions_0')(x, context_BxSxE)
     return resnet('resnets_1')(x, temb_BxT)
 
 
@@ -347,9 +353,12 @@ class UNetEncoder(nn.Module):
     config: the U-Net's shape.
     dtype: computation dtype (params stay float32; the sinusoidal timestep
       embedding is computed in float32).
+    attention: the attention op of every transformer block
+      (reverse_sd/ops/attention.py; default: XLA's).
   """
   config: UNetConfig
   dtype: jnp.dtype = jnp.float32
+  attention: attention_ops.Attention = attention_ops.Attention()
 
   def __call__(self, latents_BxHxWxC, timesteps, context_BxSxE):
     return self.stages(latents_BxHxWxC, timesteps, context_BxSxE)['mid_block']
@@ -365,15 +374,17 @@ class UNetEncoder(nn.Module):
     temb = TimestepEmbedding(cfg.time_embed_dim, self.dtype,
                              name='time_embedding')(t_emb.astype(self.dtype))
     pad = (cfg.conv_in_kernel - 1) // 2
-    x = conv.Conv(cfg.block_out_channels[0], (cfg.conv_in_kernel,) * 2,
+    x = nn.Conv(cfg.block_out_channels[0], (cfg.conv_in_kernel,) * 2,
                   padding=((pad, pad), (pad, pad)), dtype=self.dtype,
                   name='conv_in')(latents_BxHxWxC)
     context = context_BxSxE.astype(self.dtype)
     outputs = {}
     for i in range(len(cfg.block_out_channels)):
-      x = DownBlock(cfg, i, self.dtype, name=f'down_blocks_{i}')(
+      x = DownBlock(cfg, i, self.dtype, self.attention,
+                    name=f'down_blocks_{i}')(
           x, temb, context)
       outputs[f'down_blocks_{i}'] = x
-    outputs['mid_block'] = MidBlock(cfg, self.dtype, name='mid_block')(
+    outputs['mid_block'] = MidBlock(cfg, self.dtype, self.attention,
+                                    name='mid_block')(
         x, temb, context)
     return outputs

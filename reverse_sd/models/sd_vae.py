@@ -22,11 +22,9 @@ from __future__ import annotations
 import dataclasses
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
-from reverse_sd.models import conv
-from reverse_sd.models import dense
+from reverse_sd.ops import attention as attention_ops
 
 # Every SD VAE encoder block (diffusers `DownEncoderBlock2D`).
 DOWN_ENCODER_BLOCK = 'DownEncoderBlock2D'
@@ -102,11 +100,10 @@ def group_norm(groups: int, eps: float, dtype, name: str) -> nn.GroupNorm:
 
 
 def conv3x3(features: int, dtype, name: str, strides: int = 1,
-            padding=((1, 1), (1, 1))) -> conv.Conv:
-  """torch `Conv2d(kernel_size=3, padding=1)` on NHWC inputs (models/conv.py:
-  `nn.Conv`'s parameters, a faster backward pass on CPU)."""
-  return conv.Conv(features, (3, 3), strides=strides, padding=padding,
-                   dtype=dtype, name=name)
+            padding=((1, 1), (1, 1))) -> nn.Conv:
+  """torch `Conv2d(kernel_size=3, padding=1)` on NHWC inputs."""
+  return nn.Conv(features, (3, 3), strides=strides, padding=padding,
+                 dtype=dtype, name=name)
 
 
 class ResnetBlock2D(nn.Module):
@@ -136,14 +133,14 @@ class ResnetBlock2D(nn.Module):
     h = conv3x3(self.out_channels, self.dtype, 'conv1')(
         nn.silu(norm('norm1')(x_BxHxWxC)))
     if temb_BxT is not None:
-      temb = dense.Dense(self.out_channels, dtype=self.dtype,
+      temb = nn.Dense(self.out_channels, dtype=self.dtype,
                       name='time_emb_proj')(nn.silu(temb_BxT))
       h = h + temb[:, None, None, :]
     h = conv3x3(self.out_channels, self.dtype, 'conv2')(
         nn.silu(norm('norm2')(h)))
     shortcut = x_BxHxWxC
     if x_BxHxWxC.shape[-1] != self.out_channels:
-      shortcut = conv.Conv(self.out_channels, (1, 1), dtype=self.dtype,
+      shortcut = nn.Conv(self.out_channels, (1, 1), dtype=self.dtype,
                            name='conv_shortcut')(shortcut)
     out = shortcut + h
     if self.output_scale_factor != 1.0:
@@ -174,18 +171,16 @@ class Downsample2D(nn.Module):
 
 
 def dot_product_attention(q_BxTxD, k_BxSxD, v_BxSxD, heads: int,
-                          upcast: bool = False):
+                          op: attention_ops.Attention, upcast: bool = False):
   """Multi-head softmax attention, scale 1/sqrt(head_dim) (diffusers').
 
-  Splits the last axis into `heads`; with `upcast` the attention runs in
-  float32 whatever the inputs' dtype (diffusers' `upcast_attention`).
+  Splits the last axis into `heads` and runs `op` (reverse_sd/ops/
+  attention.py); with `upcast` the softmax runs in float32 whatever the
+  inputs' dtype (diffusers' `upcast_attention`).
   """
   dtype = q_BxTxD.dtype
   split = lambda x: x.reshape(*x.shape[:-1], heads, x.shape[-1] // heads)
-  q, k, v = split(q_BxTxD), split(k_BxSxD), split(v_BxSxD)
-  if upcast:
-    q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
-  out = jax.nn.dot_product_attention(q, k, v)
+  out = op(split(q_BxTxD), split(k_BxSxD), split(v_BxSxD), upcast=upcast)
   return out.reshape(*out.shape[:-2], -1).astype(dtype)
 
 
@@ -200,15 +195,16 @@ class SpatialSelfAttention(nn.Module):
   eps: float
   heads: int = 1
   dtype: jnp.dtype = jnp.float32
+  attention: attention_ops.Attention = attention_ops.Attention()
 
   @nn.compact
   def __call__(self, x_BxHxWxC):
     batch, height, width, channels = x_BxHxWxC.shape
     h = group_norm(self.groups, self.eps, self.dtype, 'group_norm')(x_BxHxWxC)
     h = h.reshape(batch, height * width, channels)
-    linear = lambda name: dense.Dense(channels, dtype=self.dtype, name=name)
+    linear = lambda name: nn.Dense(channels, dtype=self.dtype, name=name)
     h = dot_product_attention(linear('to_q')(h), linear('to_k')(h),
-                              linear('to_v')(h), self.heads)
+                              linear('to_v')(h), self.heads, self.attention)
     h = linear('to_out')(h)
     return x_BxHxWxC + h.reshape(batch, height, width, channels)
 
@@ -241,6 +237,7 @@ class VAEMidBlock2D(nn.Module):
   groups: int
   add_attention: bool = True
   dtype: jnp.dtype = jnp.float32
+  attention: attention_ops.Attention = attention_ops.Attention()
 
   @nn.compact
   def __call__(self, x_BxHxWxC):
@@ -250,6 +247,7 @@ class VAEMidBlock2D(nn.Module):
     x = resnet('resnets_0')(x_BxHxWxC)
     if self.add_attention:
       x = SpatialSelfAttention(self.groups, VAE_NORM_EPS, dtype=self.dtype,
+                               attention=self.attention,
                                name='attentions_0')(x)
     return resnet('resnets_1')(x)
 
@@ -266,9 +264,11 @@ class VAEEncoder(nn.Module):
   Attributes:
     config: the encoder's shape.
     dtype: computation dtype (params stay float32).
+    attention: the mid block's attention op (reverse_sd/ops/attention.py).
   """
   config: VAEConfig
   dtype: jnp.dtype = jnp.float32
+  attention: attention_ops.Attention = attention_ops.Attention()
 
   @nn.compact
   def __call__(self, images_BxHxWxC):
@@ -282,7 +282,7 @@ class VAEEncoder(nn.Module):
                              name=f'down_blocks_{i}')(x)
     x = VAEMidBlock2D(cfg.block_out_channels[-1], groups,
                       cfg.mid_block_add_attention, dtype=dtype,
-                      name='mid_block')(x)
+                      attention=self.attention, name='mid_block')(x)
     x = nn.silu(group_norm(groups, VAE_NORM_EPS, dtype, 'conv_norm_out')(x))
     moments = conv3x3(2 * cfg.latent_channels, dtype, 'conv_out')(x)
     if cfg.use_quant_conv:

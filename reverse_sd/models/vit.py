@@ -15,10 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from reverse_sd.models import conv
-from reverse_sd.models import cpu_attention
-from reverse_sd.models import dense
-from reverse_sd.models import layer_norm as layer_norm_lib
+from reverse_sd.ops import attention as attention_ops
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,39 +91,32 @@ def _activation(name: str):
 
 
 class Attention(nn.Module):
-  """Multi-head self-attention with separate q/k/v projections.
-
-  `impl` picks how softmax(q k^T / sqrt(d)) v runs (`cpu_attention.IMPLS`):
-  'auto' is the fused CPU kernel on the CPU backend for unmasked float32
-  attention, else `jax.nn.dot_product_attention`. The same function either
-  way.
-  """
+  """Multi-head self-attention with separate q/k/v projections; `op` runs
+  softmax(q k^T / sqrt(d)) v (reverse_sd/ops/attention.py)."""
   width: int
   heads: int
   dtype: jnp.dtype = jnp.float32
-  impl: str = 'auto'
+  op: attention_ops.Attention = attention_ops.Attention()
 
   @nn.compact
-  def __call__(self, x_BxTxD, mask=None, queries_BxQxD=None):
+  def __call__(self, x_BxTxD, causal: bool = False, queries_BxQxD=None):
     """Attends over the T axis.
 
     Args:
       x_BxTxD: input tokens (the keys and values).
-      mask: optional boolean mask broadcastable to [B, heads, Q, T]; True
-        where a query (axis -2) may attend to a key (axis -1). None attends
-        everywhere (the vision tower); the CLIP text transformer passes a
-        causal mask.
+      causal: token i attends only to tokens j <= i (the CLIP text
+        transformer); False attends everywhere (the vision tower).
       queries_BxQxD: the tokens that query (default: all of `x_BxTxD`); the
         output has one row per query.
     """
     head_dim = self.width // self.heads
-    linear = lambda name: dense.Dense(self.width, dtype=self.dtype, name=name)
+    linear = lambda name: nn.Dense(self.width, dtype=self.dtype, name=name)
     split = lambda y: y.reshape(*y.shape[:-1], self.heads, head_dim)
     queries = x_BxTxD if queries_BxQxD is None else queries_BxQxD
     q = split(linear('q_proj')(queries))
     k = split(linear('k_proj')(x_BxTxD))
     v = split(linear('v_proj')(x_BxTxD))
-    out = cpu_attention.attention(q, k, v, mask=mask, impl=self.impl)
+    out = self.op(q, k, v, causal=causal)
     out = out.reshape(*out.shape[:-2], self.width)
     return linear('out_proj')(out)
 
@@ -136,36 +126,34 @@ class EncoderLayer(nn.Module):
 
   `config` is a `ViTConfig` or any config with the same `width`, `heads`,
   `mlp_dim`, `activation` and `layer_norm_eps` fields (the CLIP text
-  transformer's `ClipTextConfig`). `mask` is passed to `Attention`,
-  `attention` is its `impl` and `layer_norm` the LayerNorms' `impl`
-  (`layer_norm.IMPLS`).
+  transformer's `ClipTextConfig`). `causal` is passed to `Attention`, and
+  `attention` is its op.
   """
   config: ViTConfig
   dtype: jnp.dtype = jnp.float32
-  attention: str = 'auto'
-  layer_norm: str = 'auto'
+  attention: attention_ops.Attention = attention_ops.Attention()
 
   @nn.compact
-  def __call__(self, x, mask=None, query_tokens: int | None = None):
+  def __call__(self, x, causal: bool = False,
+               query_tokens: int | None = None):
     """[B, T, D] -> [B, T, D], or [B, query_tokens, D]: with `query_tokens`,
     only the first `query_tokens` tokens are updated (attending to all T)
     and returned, which is all a read-out of those tokens needs."""
     cfg = self.config
-    norm = lambda name: layer_norm_lib.LayerNorm(
-        epsilon=cfg.layer_norm_eps, dtype=self.dtype, impl=self.layer_norm,
-        name=name)
+    norm = lambda name: nn.LayerNorm(epsilon=cfg.layer_norm_eps,
+                                     dtype=self.dtype, name=name)
     h = norm('layer_norm1')(x)
     if query_tokens is None:
       x = x + Attention(cfg.width, cfg.heads, self.dtype, self.attention,
-                        name='self_attn')(h, mask)
+                        name='self_attn')(h, causal)
     else:
       x = x[:, :query_tokens] + Attention(
           cfg.width, cfg.heads, self.dtype, self.attention, name='self_attn')(
-              h, mask, queries_BxQxD=h[:, :query_tokens])
+              h, causal, queries_BxQxD=h[:, :query_tokens])
     y = norm('layer_norm2')(x)
-    y = dense.Dense(cfg.mlp_dim, dtype=self.dtype, name='fc1')(y)
+    y = nn.Dense(cfg.mlp_dim, dtype=self.dtype, name='fc1')(y)
     y = _activation(cfg.activation)(y)
-    y = dense.Dense(cfg.width, dtype=self.dtype, name='fc2')(y)
+    y = nn.Dense(cfg.width, dtype=self.dtype, name='fc2')(y)
     return x + y
 
 
@@ -182,24 +170,20 @@ class VisionTransformer(nn.Module):
     use_projection: end in CLIP's `visual_projection` (Dense without bias,
       width -> `config.projection_dim`) and return the image embedding
       [B, projection_dim] instead of the pooled feature.
-    attention: how attention runs (`cpu_attention.IMPLS`; 'auto': the fused
-      CPU kernel on CPU, `jax.nn.dot_product_attention` elsewhere).
-    layer_norm: how the LayerNorms run (`layer_norm.IMPLS`; 'auto': a fused
-      CPU kernel on CPU in a one-device process, `flax.linen.LayerNorm`
-      elsewhere).
+    attention: the attention op (reverse_sd/ops/attention.py; default:
+      XLA's).
   """
   config: ViTConfig
   dtype: jnp.dtype = jnp.float32
   use_projection: bool = False
-  attention: str = 'auto'
-  layer_norm: str = 'auto'
+  attention: attention_ops.Attention = attention_ops.Attention()
 
   @nn.compact
   def __call__(self, images_BxHxWx3):
     cfg = self.config
-    x = conv.Conv(cfg.width, (cfg.patch_size,) * 2, strides=cfg.patch_size,
-                  padding='VALID', use_bias=False, dtype=self.dtype,
-                  name='patch_embedding')(images_BxHxWx3)
+    x = nn.Conv(cfg.width, (cfg.patch_size,) * 2, strides=cfg.patch_size,
+                padding='VALID', use_bias=False, dtype=self.dtype,
+                name='patch_embedding')(images_BxHxWx3)
     batch = x.shape[0]
     x = x.reshape(batch, -1, cfg.width)
     cls = self.param('class_embedding', nn.initializers.normal(0.02),
@@ -209,15 +193,14 @@ class VisionTransformer(nn.Module):
     pos = self.param('position_embedding', nn.initializers.normal(0.02),
                      (x.shape[1], cfg.width))
     x = x + pos.astype(x.dtype)
-    norm = lambda name: layer_norm_lib.LayerNorm(
-        epsilon=cfg.layer_norm_eps, dtype=self.dtype, impl=self.layer_norm,
-        name=name)
+    norm = lambda name: nn.LayerNorm(epsilon=cfg.layer_norm_eps,
+                                     dtype=self.dtype, name=name)
     x = norm('pre_layrnorm')(x)
     for i in range(cfg.layers):
       # The read-out is the class token: the last layer updates only it
       # (the same result with ~1/cfg.layers fewer FLOPs).
       last = i == cfg.layers - 1
-      x = EncoderLayer(cfg, self.dtype, self.attention, self.layer_norm,
+      x = EncoderLayer(cfg, self.dtype, self.attention,
                        name=f'layers_{i}')(x, query_tokens=1 if last else None)
     pooled = norm('post_layernorm')(x[:, 0])
     if not self.use_projection:
@@ -225,5 +208,5 @@ class VisionTransformer(nn.Module):
     if cfg.projection_dim <= 0:
       raise ValueError(f'use_projection=True needs ViTConfig.projection_dim > '
                        f'0, got {cfg.projection_dim}.')
-    return dense.Dense(cfg.projection_dim, use_bias=False, dtype=self.dtype,
+    return nn.Dense(cfg.projection_dim, use_bias=False, dtype=self.dtype,
                     name='visual_projection')(pooled)

@@ -51,6 +51,7 @@ import numpy as np
 
 from reverse_sd.models import sd_unet
 from reverse_sd.models import sd_vae
+from reverse_sd.ops import attention as attention_ops
 
 FROM_WEIGHTS = 'from_weights'
 VARIANTS = {
@@ -113,6 +114,8 @@ class WhiteBoxBackbone(nn.Module):
     noise_level: scales the DDPM forward-process noise (0: none).
     dtype: the U-Net's compute dtype. The VAE always runs in float32 (SD
       VAEs overflow in float16; diffusers' `force_upcast`).
+    attention: the attention op of the U-Net and the VAE
+      (reverse_sd/ops/attention.py).
   """
   unet_config: sd_unet.UNetConfig
   vae_config: sd_vae.VAEConfig
@@ -121,6 +124,7 @@ class WhiteBoxBackbone(nn.Module):
   timestep: int = 0
   noise_level: float = 0.0
   dtype: jnp.dtype = jnp.float32
+  attention: attention_ops.Attention = attention_ops.Attention()
 
   def setup(self):
     if not 0 <= self.timestep < NUM_TRAIN_TIMESTEPS:
@@ -138,8 +142,10 @@ class WhiteBoxBackbone(nn.Module):
       raise ValueError(
           f'The VAE makes {self.vae_config.latent_channels}-channel latents '
           f'but the U-Net takes {self.unet_config.in_channels} channels.')
-    self.vae = sd_vae.VAEEncoder(self.vae_config, dtype=jnp.float32)
-    self.unet = sd_unet.UNetEncoder(self.unet_config, dtype=self.dtype)
+    self.vae = sd_vae.VAEEncoder(self.vae_config, dtype=jnp.float32,
+                                 attention=self.attention)
+    self.unet = sd_unet.UNetEncoder(self.unet_config, dtype=self.dtype,
+                                    attention=self.attention)
 
   def latents(self, images_BxHxWx3):
     """Scaled VAE latent means [B, H/8, W/8, 4] of images in [-1, 1].
@@ -373,9 +379,11 @@ def load_context(model_config,
   return context.astype(np.float32)
 
 
-def create_backbone(model_config, dtype, name: str = 'backbone'
+def create_backbone(model_config, dtype, name: str = 'backbone',
+                    attention: attention_ops.Attention = attention_ops.Attention()
                     ) -> WhiteBoxBackbone:
-  """The white-box backbone `config.model` describes."""
+  """The white-box backbone `config.model` describes, its attention run by
+  `attention`."""
   unet_config, vae_config = read_configs(model_config)
   context = load_context(model_config, unet_config)
   return WhiteBoxBackbone(
@@ -385,7 +393,7 @@ def create_backbone(model_config, dtype, name: str = 'backbone'
                            str(model_config.init_from)),
       timestep=int(model_config.get('sd_timestep', 0)),
       noise_level=float(model_config.get('sd_noise', 0.0)), dtype=dtype,
-      name=name)
+      attention=attention, name=name)
 
 
 def load_pretrained(model_config) -> dict[str, Any]:

@@ -32,7 +32,6 @@ import tokenizers
 
 from reverse_sd.convert import bert as bert_convert
 from reverse_sd.convert import core as convert_core
-from reverse_sd.models import dense
 
 EMBEDDING_DIM = 384
 
@@ -162,7 +161,7 @@ class BertSelfAttention(nn.Module):
   @nn.compact
   def __call__(self, x_BxTxH, mask_bias_Bx1x1xT):
     cfg = self.config
-    linear = functools.partial(dense.Dense, cfg.hidden_size, dtype=self.dtype,
+    linear = functools.partial(nn.Dense, cfg.hidden_size, dtype=self.dtype,
                               param_dtype=self.param_dtype)
     batch, length, _ = x_BxTxH.shape
     split = lambda y: y.reshape(batch, length, cfg.num_attention_heads,
@@ -195,10 +194,10 @@ class BertLayer(nn.Module):
     attended = BertSelfAttention(cfg, name='attention', **kwargs)(
         x_BxTxH, mask_bias_Bx1x1xT)
     x_BxTxH = layer_norm(name='attention_layer_norm')(x_BxTxH + attended)
-    hidden_BxTxF = dense.Dense(cfg.intermediate_size, name='intermediate',
+    hidden_BxTxF = nn.Dense(cfg.intermediate_size, name='intermediate',
                             **kwargs)(x_BxTxH)
     hidden_BxTxF = nn.gelu(hidden_BxTxF, approximate=False)
-    out_BxTxH = dense.Dense(cfg.hidden_size, name='output', **kwargs)(hidden_BxTxF)
+    out_BxTxH = nn.Dense(cfg.hidden_size, name='output', **kwargs)(hidden_BxTxF)
     return layer_norm(name='output_layer_norm')(x_BxTxH + out_BxTxH)
 
 

@@ -1,0 +1,1 @@
+"""The op layer's CPU part: XLA:CPU FFI kernels and process tuning."""
