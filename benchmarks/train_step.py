@@ -17,7 +17,7 @@ done) and reports the median; the table shows, per framework, the median
 over rounds.
 
 JAX side: the project's own code, as the trainer uses it:
-`reverse_model.create_model` on `configs/synthetic.py` with the case's
+`pretrained.create_model` on `configs/synthetic.py` with the case's
 backbone, `optim.create_optimizer` (AdamW, clipping, warm-up + cosine),
 `state.create_train_state` on `sharding.make_mesh` (all devices),
 `train.make_train_step` (cosine + Huber) and `evaluate.make_predict_step`,
@@ -126,9 +126,9 @@ def _config_for(spec: dict[str, Any]):
 def _whitebox_configs(case: dict[str, Any]):
   """(U-Net, VAE) shapes of a white-box case."""
   # pylint: disable=g-import-not-at-top
-  from reverse_sd.models import whitebox
+  from reverse_sd import pretrained
   config = _config_for(dict(case, dtype='float32'))
-  return whitebox.read_configs(config.model)
+  return pretrained.read_configs(config.model)
 
 
 def _model_inputs(spec: dict[str, Any], rng, batch: int) -> dict[str, Any]:
@@ -224,11 +224,12 @@ def _xla_op_flops(spec: dict[str, Any], built: dict[str, Any],
   # pylint: disable=g-import-not-at-top
   from reverse_sd import evaluate
   from reverse_sd import optim
+  from reverse_sd import pretrained
   from reverse_sd import train
   from reverse_sd.models import reverse_model
   config = _config_for(dict(spec, attention='xla', conv='xla',
                             micro_batch=0))
-  model = reverse_model.create_model(config.model, mesh=built['mesh'])
+  model = pretrained.create_model(config.model, mesh=built['mesh'])
   _, schedule = optim.create_optimizer(
       config.optim, total_steps=1000,
       extra_groups=reverse_model.frozen_param_groups(config.model))
@@ -255,6 +256,7 @@ def build_jax(spec: dict[str, Any], devices=None) -> dict[str, Any]:
   import numpy as np
   from reverse_sd import evaluate
   from reverse_sd import optim
+  from reverse_sd import pretrained
   from reverse_sd import sharding
   from reverse_sd import state as state_lib
   from reverse_sd import train
@@ -264,7 +266,7 @@ def build_jax(spec: dict[str, Any], devices=None) -> dict[str, Any]:
   mesh = sharding.make_mesh(config.mesh.axes, config.mesh.shape,
                             devices=devices)
   num_devices = mesh.devices.size
-  model = reverse_model.create_model(config.model, mesh=mesh)
+  model = pretrained.create_model(config.model, mesh=mesh)
   # As train.py: a frozen stage (the white-box VAE) is never updated.
   tx, schedule = optim.create_optimizer(
       config.optim, total_steps=1000,
@@ -390,10 +392,10 @@ def dump_jax_reference(spec: dict[str, Any], path: str) -> dict[str, Any]:
   # pylint: disable=g-import-not-at-top
   import jax
   import numpy as np
+  from reverse_sd import pretrained
   from reverse_sd import sharding
-  from reverse_sd.models import reverse_model
   config = _config_for(spec)
-  model = reverse_model.create_model(config.model)
+  model = pretrained.create_model(config.model)
   images, _ = _random_batch(np.random.default_rng(1), 2, spec['image_size'])
   variables = model.init(jax.random.key(spec['seed']), images)
   out = model.apply(variables, images)

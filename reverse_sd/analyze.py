@@ -41,6 +41,7 @@ from reverse_sd import vocab_metrics
 from reverse_sd.data import datasets
 from reverse_sd.data import pipeline
 from reverse_sd.data import preprocess
+from reverse_sd.data import synthetic_grammar
 from reverse_sd.ops.cpu import tuning
 from reverse_sd.text import prompt_bank as prompt_bank_lib
 
@@ -88,7 +89,6 @@ def _word_group_columns(run: restore.Run) -> dict[str, list[int]] | None:
   """Vocabulary columns of the synthetic corpus's word groups."""
   if run.vocabulary is None or run.config.data.name != 'synthetic':
     return None
-  from reverse_sd.data import synthetic_grammar  # pylint: disable=g-import-not-at-top
   index = run.vocabulary.index
   return {group: [index[w] for w in words if w in index]
           for group, words in synthetic_grammar.word_groups().items()}
@@ -210,6 +210,7 @@ def read_scalar_curves(workdir: str | os.PathLike[str]
   clu's writers log scalars as tensor summaries; both kinds are read. A
   resumed run repeats steps: the value written last wins.
   """
+  # Imported here: tensorboard is heavy and only the report's curves need it.
   from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
   from tensorboard.util import tensor_util  # pylint: disable=g-import-not-at-top
   if not any(pathlib.Path(workdir).glob('events.out.tfevents.*')):
@@ -242,6 +243,7 @@ def plot_curves(curves: dict[str, tuple[np.ndarray, np.ndarray]]
   tags = [t for t in curves if not t.startswith(_SKIPPED_CURVE_PREFIXES)]
   if not tags:
     return None
+  # Imported here: matplotlib is heavy and only the report's plots need it.
   from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
   columns = min(3, len(tags))
   rows = -(-len(tags) // columns)
@@ -262,6 +264,7 @@ def plot_curves(curves: dict[str, tuple[np.ndarray, np.ndarray]]
 
 
 def plot_histogram(values: np.ndarray, title: str) -> bytes:
+  # Imported here: matplotlib is heavy and only the report's plots need it.
   from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
   figure = Figure(figsize=(5, 2.6), dpi=80, layout='constrained')
   axes = figure.add_subplot(1, 1, 1)
@@ -497,7 +500,7 @@ def _main(argv: Sequence[str]) -> None:
 
 
 if __name__ == '__main__':
-  from absl import app as _app  # pylint: disable=g-import-not-at-top
+  from reverse_sd import cli as _cli  # pylint: disable=g-import-not-at-top
   from absl import flags as _flags  # pylint: disable=g-import-not-at-top
   _flags.DEFINE_string('workdir', None, 'A trained run.', required=True)
   _flags.DEFINE_integer('step', -1, 'Checkpoint step (-1: the latest).')
@@ -512,4 +515,4 @@ if __name__ == '__main__':
   _flags.DEFINE_integer('max_words', 200, 'Rows of the per-word table.',
                         lower_bound=0)
   _FLAGS = _flags.FLAGS
-  _app.run(_main)
+  _cli.run(_main)

@@ -36,6 +36,9 @@ import jax
 import ml_collections
 import numpy as np
 
+from reverse_sd import evaluate
+from reverse_sd import restore
+from reverse_sd.data import datasets
 from reverse_sd.ops.cpu import tuning
 
 SCORES_FORMAT_VERSION = 1
@@ -138,52 +141,11 @@ def per_example_cosine(pred_NxD: np.ndarray,
       np.float32)
 
 
-def load_run_config(workdir: str | pathlib.Path) -> ml_collections.ConfigDict:
-  """The config a run saved in `workdir/config.json` (lists as tuples)."""
-  path = pathlib.Path(workdir) / 'config.json'
-  if not path.is_file():
-    raise FileNotFoundError(
-        f'{path} does not exist: {workdir} is not a reverse_sd run directory '
-        '(a run writes config.json when it starts).')
-
-  def tuples(value):
-    if isinstance(value, list):
-      return tuple(tuples(v) for v in value)
-    if isinstance(value, dict):
-      return {k: tuples(v) for k, v in value.items()}
-    return value
-
-  try:
-    saved = json.loads(path.read_text())
-  except json.JSONDecodeError as e:
-    raise ValueError(f'{path} is not valid JSON ({e}).') from e
-  # Fields added to the base config after the run was made take their
-  # defaults, so older workdirs stay readable.
-  from configs import common  # pylint: disable=g-import-not-at-top
-  merged = _merge(common.get_base_config().to_dict(), tuples(saved))
-  return ml_collections.ConfigDict(merged)
-
-
-def _merge(defaults: dict, saved: dict) -> dict:
-  out = dict(defaults)
-  for key, value in saved.items():
-    if isinstance(value, dict) and isinstance(out.get(key), dict):
-      out[key] = _merge(out[key], value)
-    else:
-      out[key] = value
-  return out
-
-
 def score_run(workdir: str | pathlib.Path, *, weighting: str = 'linear',
               batch_size: int | None = None) -> Scores:
   """Difficulty of every training example from a run's kept checkpoints."""
-  # Imported here: the schedule half of this module must not need the model.
-  from reverse_sd import evaluate  # pylint: disable=g-import-not-at-top
-  from reverse_sd import restore  # pylint: disable=g-import-not-at-top
-  from reverse_sd.data import datasets  # pylint: disable=g-import-not-at-top
-
   workdir = pathlib.Path(workdir).resolve()
-  load_run_config(workdir)  # Names a folder that is not a run at all.
+  restore.load_run_config(workdir)  # Names a folder that is not a run at all.
   steps = restore.checkpoint_steps(workdir)
   # Raises a clear error when there is no checkpoint (train the baseline
   # first) or when one does not fit the run's config.
@@ -209,7 +171,8 @@ def score_run(workdir: str | pathlib.Path, *, weighting: str = 'linear',
 
 def alignment_of_train(config: ml_collections.ConfigDict) -> Scores:
   """The synthetic corpus's known alignment of each training example."""
-  from reverse_sd.data import datasets  # pylint: disable=g-import-not-at-top
+  # Imported here: tensorflow_datasets pulls in tensorflow, which only this
+  # difficulty needs.
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
   builder = datasets.open_builder(config.data)
@@ -403,7 +366,7 @@ def _main(argv: Sequence[str]) -> None:
     raise SystemExit(_USAGE)
   tuning.tune_process()
   workdir = pathlib.Path(_FLAGS.workdir)
-  config = load_run_config(workdir)
+  config = restore.load_run_config(workdir)
   if argv[1] == 'compare':
     # How close a saved model-based score is to the known alignment.
     if not _FLAGS.scores:
@@ -434,7 +397,7 @@ def _main(argv: Sequence[str]) -> None:
 
 
 if __name__ == '__main__':
-  from absl import app as _app  # pylint: disable=g-import-not-at-top
+  from reverse_sd import cli as _cli  # pylint: disable=g-import-not-at-top
   from absl import flags as _flags  # pylint: disable=g-import-not-at-top
   _flags.DEFINE_string('workdir', None, 'A trained run (the scorer).',
                        required=True)
@@ -446,4 +409,4 @@ if __name__ == '__main__':
   _flags.DEFINE_integer('batch_size', 0, 'Prediction batch (0: eval batch).')
   _flags.DEFINE_string('scores', '', 'compare: a scores file to compare.')
   _FLAGS = _flags.FLAGS
-  _app.run(_main)
+  _cli.run(_main)

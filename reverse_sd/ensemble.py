@@ -255,7 +255,7 @@ def _main(argv: Sequence[str]) -> None:
 
 
 if __name__ == '__main__':
-  from absl import app as _app  # pylint: disable=g-import-not-at-top
+  from reverse_sd import cli as _cli  # pylint: disable=g-import-not-at-top
   from absl import flags as _flags  # pylint: disable=g-import-not-at-top
   _flags.DEFINE_string('workdirs', None, 'Comma-separated trained runs.',
                        required=True)
@@ -268,4 +268,4 @@ if __name__ == '__main__':
   _flags.DEFINE_string('output_dir', '', 'Default: WORKDIR for one run, '
                        '<parent>/ensemble-<names> for several.')
   _FLAGS = _flags.FLAGS
-  _app.run(_main)
+  _cli.run(_main)

@@ -36,11 +36,14 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 import numpy as np
 
+from reverse_sd import pretrained
 from reverse_sd import sharding
+from reverse_sd.convert import clip_text_weights
 from reverse_sd.data import datasets
 from reverse_sd.data import pipeline
 from reverse_sd.models import reverse_model
 from reverse_sd.models import whitebox
+from reverse_sd.text import sd_context
 
 CACHE_DIR_NAME = 'reverse_sd_features'
 # Subfolder of the feature cache with the caption contexts.
@@ -169,8 +172,6 @@ def caption_cache_key(encoder_dir: str | os.PathLike[str],
                       split: pipeline.SplitData) -> str:
   """A digest of what a split's caption contexts depend on: the text encoder
   and tokenizer files (path, size, mtime), the split's name and prompts."""
-  # Imported here: only the caption contexts need the SD text encoder.
-  from reverse_sd.text import sd_context  # pylint: disable=g-import-not-at-top
   description = {'format': _CAPTION_FORMAT,
                  'text_encoder': sd_context.cache_key(encoder_dir),
                  'split': split.name, 'num_examples': len(split),
@@ -183,7 +184,6 @@ def caption_cache_root() -> pathlib.Path:
   """Where `evaluate.predict_split` keeps the caption contexts of splits that
   came without them (no data config at hand): `$REVERSE_SD_CACHE_DIR/
   sd_context/captions`, else ~/.cache/reverse_sd/sd_context/captions."""
-  from reverse_sd.text import sd_context  # pylint: disable=g-import-not-at-top
   return sd_context.cache_dir() / 'captions'
 
 
@@ -229,14 +229,11 @@ def caption_contexts(encoder_dir: str | os.PathLike[str],
     ValueError: the cached file is unreadable or has the wrong shape (the
       message names it).
   """
-  # Imported here: only the caption contexts need the SD text encoder.
-  from reverse_sd.convert import clip_text  # pylint: disable=g-import-not-at-top
-  from reverse_sd.text import sd_context  # pylint: disable=g-import-not-at-top
   encoder_dir = pathlib.Path(encoder_dir)
   key = caption_cache_key(encoder_dir, split)
   path = cache_root / f'{split.name}-{key}.npy'
   if path.exists():
-    width = clip_text.read_config(
+    width = clip_text_weights.read_config(
         encoder_dir / sd_context.TEXT_ENCODER_SUBFOLDER).width
     return _read_contexts(path, split, width)
   start = time.time()
@@ -279,7 +276,7 @@ def attach_caption_contexts(config, splits: dict[str, pipeline.SplitData]
   if (model_config.backbone != reverse_model.WHITEBOX or
       model_config.get('sd_context', 'empty') != whitebox.CAPTION):
     return splits
-  encoder_dir = whitebox.check_caption_encoder(model_config)
+  encoder_dir = pretrained.check_caption_encoder(model_config)
   cache_root = (datasets.resolve_data_dir(config.data) / CACHE_DIR_NAME /
                 CAPTION_CACHE_DIR_NAME)
   return {name: dataclasses.replace(split, context=caption_contexts(

@@ -30,6 +30,7 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from reverse_sd import cli
 from reverse_sd import distributed
 from reverse_sd import train
 from reverse_sd.ops.cpu import tuning
@@ -115,4 +116,4 @@ if __name__ == '__main__':
   # Required only when run: importing this module (tests, tools) must not
   # add validators to the global flags other entry points parse.
   flags.mark_flags_as_required(['config', 'workdir'])
-  app.run(main)
+  cli.run(main)

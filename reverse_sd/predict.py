@@ -46,10 +46,12 @@ from PIL import Image
 
 from reverse_sd import restore
 from reverse_sd import sharding
+from reverse_sd.data import datasets
 from reverse_sd.data import preprocess
 from reverse_sd.models import reverse_model
 from reverse_sd.models import whitebox
 from reverse_sd.ops.cpu import tuning
+from reverse_sd.text import minilm
 from reverse_sd.text import prompt_bank as prompt_bank_lib
 
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.webp', '.bmp', '.gif', '.tif',
@@ -304,7 +306,6 @@ class Predictor:
 
 def training_prompt_bank(run: restore.Run) -> prompt_bank_lib.PromptBank:
   """The run's training prompts and their target embeddings."""
-  from reverse_sd.data import datasets  # pylint: disable=g-import-not-at-top
   try:
     train = datasets.load_splits(run.config, ['train'])['train']
   except Exception as e:  # pylint: disable=broad-except
@@ -323,7 +324,6 @@ def text_file_prompt_bank(run: restore.Run,
                           path: str | os.PathLike[str]
                           ) -> prompt_bank_lib.PromptBank:
   """Prompts of a text file, embedded with the run's target encoder."""
-  from reverse_sd.text import minilm  # pylint: disable=g-import-not-at-top
   text = run.config.text
   model_dir = (pathlib.Path(text.model_dir) if text.model_dir
                else minilm.default_model_dir())
@@ -425,7 +425,7 @@ def _main(argv: Sequence[str]) -> None:
 
 
 if __name__ == '__main__':
-  from absl import app as _app  # pylint: disable=g-import-not-at-top
+  from reverse_sd import cli as _cli  # pylint: disable=g-import-not-at-top
   from absl import flags as _flags  # pylint: disable=g-import-not-at-top
   _flags.DEFINE_string('workdir', None, 'A trained run.', required=True)
   _flags.DEFINE_integer('step', -1, 'Checkpoint step (-1: the latest).')
@@ -446,4 +446,4 @@ if __name__ == '__main__':
                         'Images with more pixels are refused unread.',
                         lower_bound=1)
   _FLAGS = _flags.FLAGS
-  _app.run(_main)
+  _cli.run(_main)

@@ -30,6 +30,8 @@ import sys
 
 import numpy as np
 
+from reverse_sd import vocab_metrics
+
 PREDICTIONS_DIR = 'predictions'
 ALL_SPLITS = ('train', 'validation', 'test', 'test_shifted')
 RECALL_KS = (1, 5, 10)
@@ -192,6 +194,7 @@ def compute_predictions(run, splits: Sequence[str], *,
 
 def latest_checkpoint_step(workdir: str | os.PathLike[str]) -> int | None:
   """The step `restore.load_run` would restore, or None without checkpoints."""
+  # Imported here: the file-only path must not need jax, orbax or the model.
   from reverse_sd import checkpointing  # pylint: disable=g-import-not-at-top
   from reverse_sd import restore  # pylint: disable=g-import-not-at-top
   if not checkpointing.checkpoint_dir(workdir).is_dir():
@@ -234,6 +237,7 @@ def load_or_predict_many(workdir: str | os.PathLike[str],
       missing.append(name)
   if missing:
     if load_run is None:
+      # Imported here: the file-only path must not need the model stack.
       from reverse_sd import restore  # pylint: disable=g-import-not-at-top
       load_run = restore.load_run
     run = load_run(workdir, step)
@@ -303,8 +307,8 @@ def embedding_metrics(predicted_NxD: np.ndarray,
                       targets_NxD: np.ndarray) -> dict[str, float]:
   """`cosine`, prompt retrieval `recall@k` (k in RECALL_KS, the bank being
   the split's own prompts, as in evaluation) and `num_examples`."""
+  # Imported here: evaluate pulls in the model stack and the data pipeline.
   from reverse_sd import evaluate  # pylint: disable=g-import-not-at-top
-  from reverse_sd import vocab_metrics  # pylint: disable=g-import-not-at-top
   out = {'cosine': evaluate.mean_cosine(predicted_NxD, targets_NxD),
          'num_examples': int(len(targets_NxD))}
   recall = vocab_metrics.retrieval_recall_at_k(
@@ -333,6 +337,7 @@ def write_json(path: pathlib.Path, value: dict) -> None:
 
 
 def _is_main_process() -> bool:
+  # Imported here: the file-only path must not need jax.
   import jax  # pylint: disable=g-import-not-at-top
   return jax.process_index() == 0
 
@@ -375,7 +380,7 @@ def _main(argv: Sequence[str]) -> None:
 
 
 if __name__ == '__main__':
-  from absl import app as _app  # pylint: disable=g-import-not-at-top
+  from reverse_sd import cli as _cli  # pylint: disable=g-import-not-at-top
   from absl import flags as _flags  # pylint: disable=g-import-not-at-top
   _flags.DEFINE_string('workdir', None, 'A trained run.', required=True)
   _flags.DEFINE_integer('step', -1, 'Checkpoint step (-1: the latest).')
@@ -385,4 +390,4 @@ if __name__ == '__main__':
                         lower_bound=0)
   _flags.DEFINE_bool('overwrite', False, 'Recompute saved predictions.')
   _FLAGS = _flags.FLAGS
-  _app.run(_main)
+  _cli.run(_main)

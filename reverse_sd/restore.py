@@ -12,6 +12,7 @@ differing keys) and restores the parameters in their sharded layout:
 """
 
 import dataclasses
+import json
 import pathlib
 from collections.abc import Callable
 from typing import Any
@@ -21,9 +22,9 @@ import ml_collections
 import numpy as np
 
 from reverse_sd import checkpointing
-from reverse_sd import curriculum
 from reverse_sd import evaluate
 from reverse_sd import optim
+from reverse_sd import pretrained
 from reverse_sd import sharding
 from reverse_sd import state as state_lib
 from reverse_sd.data import preprocess
@@ -77,6 +78,43 @@ def prepare_image(image: np.ndarray,
   if data_config.get('input_size', 0):
     return preprocess.clip_preprocess(stored, int(data_config.input_size))
   return stored
+
+
+def load_run_config(workdir: str | pathlib.Path) -> ml_collections.ConfigDict:
+  """The config a run saved in `workdir/config.json` (lists as tuples)."""
+  path = pathlib.Path(workdir) / 'config.json'
+  if not path.is_file():
+    raise FileNotFoundError(
+        f'{path} does not exist: {workdir} is not a reverse_sd run directory '
+        '(a run writes config.json when it starts).')
+
+  def tuples(value):
+    if isinstance(value, list):
+      return tuple(tuples(v) for v in value)
+    if isinstance(value, dict):
+      return {k: tuples(v) for k, v in value.items()}
+    return value
+
+  try:
+    saved = json.loads(path.read_text())
+  except json.JSONDecodeError as e:
+    raise ValueError(f'{path} is not valid JSON ({e}).') from e
+  # Fields added to the base config after the run was made take their
+  # defaults, so older workdirs stay readable. Imported here: `configs` is
+  # the repository's config package, above the library.
+  from configs import common  # pylint: disable=g-import-not-at-top
+  merged = _merge(common.get_base_config().to_dict(), tuples(saved))
+  return ml_collections.ConfigDict(merged)
+
+
+def _merge(defaults: dict, saved: dict) -> dict:
+  out = dict(defaults)
+  for key, value in saved.items():
+    if isinstance(value, dict) and isinstance(out.get(key), dict):
+      out[key] = _merge(out[key], value)
+    else:
+      out[key] = value
+  return out
 
 
 def checkpoint_steps(workdir: str | pathlib.Path) -> list[int]:
@@ -146,7 +184,7 @@ def load_run(workdir: str | pathlib.Path, step: int | None = None, *,
       the differing keys and shapes).
   """
   workdir = pathlib.Path(workdir).resolve()  # Orbax needs absolute paths.
-  config = curriculum.load_run_config(workdir)
+  config = load_run_config(workdir)
   steps = checkpoint_steps(workdir)
   if not steps:
     raise FileNotFoundError(
@@ -161,7 +199,7 @@ def load_run(workdir: str | pathlib.Path, step: int | None = None, *,
   vocabulary = load_vocabulary(workdir, config)
   if mesh is None:
     mesh = sharding.make_mesh(config.mesh.axes, config.mesh.shape)
-  model = reverse_model.create_model(
+  model = pretrained.create_model(
       config.model, vocab_size=len(vocabulary) if vocabulary else 0,
       vocab_head_input=config.vocab.head_input, mesh=mesh)
   input_shape = model_input_shape(config.data)

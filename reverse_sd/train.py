@@ -25,11 +25,12 @@ from reverse_sd import feature_cache
 from reverse_sd import losses
 from reverse_sd import metrics as metrics_lib
 from reverse_sd import optim
+from reverse_sd import pretrained
 from reverse_sd import sharding
 from reverse_sd import state as state_lib
 from reverse_sd.data import datasets
 from reverse_sd.data import pipeline
-from reverse_sd.models import pretrained
+from reverse_sd.data import synthetic_grammar
 from reverse_sd.models import reverse_model
 from reverse_sd.text import vocab as vocab_lib
 
@@ -171,9 +172,9 @@ def _setup(config, workdir: pathlib.Path, splits) -> _Run:
   train = splits['train']
   total_steps = total_train_steps(config, len(train))
   vocab_size = (0 if train.labels is None else train.labels.shape[1])
-  model = reverse_model.create_model(config.model, vocab_size=vocab_size,
-                                     vocab_head_input=config.vocab.head_input,
-                                     mesh=mesh)
+  model = pretrained.create_model(config.model, vocab_size=vocab_size,
+                                  vocab_head_input=config.vocab.head_input,
+                                  mesh=mesh)
   stages = curriculum_lib.stages_for_run(config, workdir, train.table.ids,
                                          total_steps)
   # A frozen stage is never updated (or decayed).
@@ -337,7 +338,6 @@ def _word_group_columns(config, vocabulary) -> dict[str, list[int]] | None:
   shape, colour, ...), for the per-group recall."""
   if vocabulary is None or config.data.name != 'synthetic':
     return None
-  from reverse_sd.data import synthetic_grammar  # pylint: disable=g-import-not-at-top
   return {group: [vocabulary.index[w] for w in words if w in vocabulary.index]
           for group, words in synthetic_grammar.word_groups().items()}
 

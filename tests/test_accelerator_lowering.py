@@ -19,6 +19,7 @@ import pytest
 
 from configs import synthetic
 from reverse_sd import optim
+from reverse_sd import pretrained
 from reverse_sd import sharding
 from reverse_sd import state as state_lib
 from reverse_sd import train
@@ -59,7 +60,7 @@ def _batch_specs(config, model, mesh):
   side = config.data.image_size
   if config.model.backbone == reverse_model.WHITEBOX:
     # The U-Net trains on the cached VAE latents (frozen_features).
-    _, vae = whitebox.read_configs(config.model)
+    _, vae = pretrained.read_configs(config.model)
     down = vae.downsample_factor
     inputs = {'features': jax.ShapeDtypeStruct(
         (BATCH, side // down, side // down, vae.latent_channels),
@@ -77,8 +78,8 @@ def _lowered_train_step(case: str, platform: str, attention: str) -> str:
   """The MLIR text of the case's train step exported for `platform`."""
   config = _config(case, attention)
   mesh = sharding.make_mesh(config.mesh.axes, config.mesh.shape)
-  model = reverse_model.create_model(config.model, mesh=mesh,
-                                     platform=platform)
+  model = pretrained.create_model(config.model, mesh=mesh,
+                                  platform=platform)
   tx, schedule = optim.create_optimizer(
       config.optim, total_steps=1000,
       extra_groups=reverse_model.frozen_param_groups(config.model))

@@ -24,12 +24,12 @@ from configs import diffusiondb_unet
 from reverse_sd import evaluate
 from reverse_sd import feature_cache
 from reverse_sd import predict
+from reverse_sd import pretrained
 from reverse_sd import restore
 from reverse_sd import train
 from reverse_sd.data import datasets
 from reverse_sd.data import pipeline
 from reverse_sd.data import targets
-from reverse_sd.models import reverse_model
 from reverse_sd.text import sd_context
 
 TINY_SD = pathlib.Path(__file__).resolve().parent / 'golden' / 'tiny_sd'
@@ -159,7 +159,7 @@ def test_batches_carry_the_context_of_their_examples():
 def test_model_reads_the_context_of_each_example():
   config = diffusiondb_unet.get_config('tiny=1,context=caption')
   assert config.model.sd_context == 'caption'
-  model = reverse_model.create_model(config.model)
+  model = pretrained.create_model(config.model)
   # VAE latents of 32 px images (the tiny VAE halves the side), so that only
   # the U-Net and the head are compiled.
   latents = jnp.asarray(np.random.default_rng(0).normal(
@@ -199,7 +199,7 @@ def test_caption_needs_the_text_encoder(tmp_path):
   with pytest.raises(FileNotFoundError,
                      match="sd_context='caption'.*no text_encoder/, "
                            'tokenizer/ subfolder'):
-    reverse_model.create_model(config.model)
+    pretrained.create_model(config.model)
   with pytest.raises(FileNotFoundError, match='no text_encoder/'):
     feature_cache.attach_caption_contexts(config, {})
 

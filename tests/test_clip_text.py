@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from reverse_sd.convert import clip_text as clip_text_convert
+from reverse_sd.convert import clip_text_weights as clip_text_convert
 from reverse_sd.convert import core
 from reverse_sd.models import clip_text
 from reverse_sd.text import clip_tokenizer

@@ -1,11 +1,10 @@
-"""Tests of launch/domain_adaptation.py on fake runs.
+"""Tests of reverse_sd/domain_adaptation.py on fake runs.
 
 The runs are folders holding only prediction caches written by hand in the
 format of `reverse_sd.predictions` (WORKDIR/predictions/<split>_step<N>.npz),
 so no model is restored or run.
 """
 
-import importlib.util
 import json
 import pathlib
 import subprocess
@@ -15,17 +14,14 @@ import numpy as np
 import pytest
 
 from reverse_sd import dakl
+from reverse_sd import domain_adaptation as da
 from reverse_sd import ensemble
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
-_SPEC = importlib.util.spec_from_file_location(
-    'launch_domain_adaptation', REPO / 'launch' / 'domain_adaptation.py')
-da = importlib.util.module_from_spec(_SPEC)
-_SPEC.loader.exec_module(da)
 
 _PROVENANCE = {'date': '2025-01-01 00:00 UTC',
                'machine': 'test: x86_64, 2 cores',
-               'command': 'python launch/domain_adaptation.py --sweep_dir=s'}
+               'command': 'python -m reverse_sd.domain_adaptation --sweep_dir=s'}
 _SIZES = {'train': 40, 'validation': 16, 'test': 18, 'test_shifted': 18}
 _DIM = 12
 _STEP = 30
@@ -205,7 +201,7 @@ def test_bad_settings_and_output_are_rejected(tmp_path):
 def test_command_writes_markdown_and_json(tmp_path):
   sweep_dir, _ = _make_sweep(tmp_path, seeds=(0, 1))
   output = tmp_path / 'results' / 'table.md'
-  command = [sys.executable, str(REPO / 'launch' / 'domain_adaptation.py'),
+  command = [sys.executable, '-m', 'reverse_sd.domain_adaptation',
              f'--sweep_dir={sweep_dir}', f'--output={output}', '--seeds=0,1',
              f'--num_centroids={_NUM_CENTROIDS}', '--gamma=3', '--alpha=2']
   proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True,
@@ -220,7 +216,7 @@ def test_command_writes_markdown_and_json(tmp_path):
   assert f'{cell["mean"]:.4f} ± {cell["std"]:.4f}' in markdown
   # A missing run: a one-line error naming it, nothing written.
   missing = tmp_path / 'missing.md'
-  proc = subprocess.run([*command[:3], f'--output={missing}', '--seeds=0,7'],
+  proc = subprocess.run([*command[:4], f'--output={missing}', '--seeds=0,7'],
                         cwd=REPO, capture_output=True, text=True, check=False)
   assert proc.returncode != 0
   assert 'domain_adaptation: error: Run directories not found' in proc.stderr

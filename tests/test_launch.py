@@ -1,6 +1,5 @@
 """The launch scripts: shellcheck, and the commands their --dry-run prints."""
 
-import importlib.util
 import os
 import pathlib
 import shlex
@@ -11,6 +10,7 @@ import sys
 import pytest
 
 from reverse_sd import main as main_lib
+from reverse_sd import sweep as sweep_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 _SKIP_DIRS = ('runs', 'results', 'node_modules', '__pycache__')
@@ -141,10 +141,6 @@ def test_gpu_slurm_outside_a_job_says_to_use_sbatch():
 
 
 def test_preempted_exit_code_is_the_same_everywhere():
-  spec = importlib.util.spec_from_file_location('launch_sweep_for_launch',
-                                                REPO / 'launch' / 'sweep.py')
-  sweep_lib = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(sweep_lib)
   assert sweep_lib.PREEMPTED_EXIT_CODE == main_lib.PREEMPTED_EXIT_CODE
   slurm = (REPO / 'launch' / 'gpu_slurm.sh').read_text()
   assert f'preempted_status={main_lib.PREEMPTED_EXIT_CODE}\n' in slurm

@@ -21,6 +21,7 @@ import pytest
 from configs import diffusiondb_unet
 from configs import synthetic
 from reverse_sd import optim
+from reverse_sd import pretrained
 from reverse_sd import sharding
 from reverse_sd import state as state_lib
 from reverse_sd import train
@@ -55,7 +56,7 @@ def _config(model_name, context_file, mesh_name, preset, rules=()):
 def _build(config):
   """(model, tx, schedule, mesh, abstract state, state shardings)."""
   mesh = sharding.make_mesh(config.mesh.axes, config.mesh.shape)
-  model = reverse_model.create_model(config.model)
+  model = pretrained.create_model(config.model)
   tx, schedule = optim.create_optimizer(
       config.optim, total_steps=10,
       extra_groups=reverse_model.frozen_param_groups(config.model))

@@ -1,11 +1,10 @@
-"""Tests of launch/sweep.py: sweep files, override checks, running, report.
+"""Tests of reverse_sd/sweep.py: sweep files, override checks, running, report.
 
 Nothing here trains: runs either have their results.json written beforehand
 or run a stand-in command.
 """
 
 import csv
-import importlib.util
 import json
 import pathlib
 import shlex
@@ -15,15 +14,13 @@ import textwrap
 
 import pytest
 
+from reverse_sd import sweep as sweep_lib
+
 REPO = pathlib.Path(__file__).resolve().parent.parent
-_SPEC = importlib.util.spec_from_file_location('launch_sweep',
-                                               REPO / 'launch' / 'sweep.py')
-sweep_lib = importlib.util.module_from_spec(_SPEC)
-_SPEC.loader.exec_module(sweep_lib)
 
 _PROVENANCE = {'date': '2025-01-01 00:00 UTC',
                'machine': 'test: x86_64, 2 cores',
-               'command': 'python launch/sweep.py --sweep=s.py --workdir=w'}
+               'command': 'python -m reverse_sd.sweep --sweep=s.py --workdir=w'}
 
 
 def _write_sweep(tmp_path, runs, *, config="'configs/synthetic.py:tiny'",
@@ -374,7 +371,7 @@ def test_script_runs_from_repo_root(tmp_path):
   path = _write_sweep(tmp_path, [{'name': 'a', 'seed': 2},
                                  {'name': 'b', 'sed': 2}])
   proc = subprocess.run(
-      [sys.executable, 'launch/sweep.py', f'--sweep={path}',
+      [sys.executable, '-m', 'reverse_sd.sweep', f'--sweep={path}',
        f'--workdir={tmp_path / "w"}', '--dry_run'],
       cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
   assert proc.returncode == 1, proc.stdout + proc.stderr
@@ -483,7 +480,7 @@ def test_print_commands_validates_first(tmp_path):
 def test_script_prints_commands(tmp_path):
   path = _write_sweep(tmp_path, [{'name': 'a', 'seed': 2}])
   proc = subprocess.run(
-      [sys.executable, 'launch/sweep.py', f'--sweep={path}',
+      [sys.executable, '-m', 'reverse_sd.sweep', f'--sweep={path}',
        f'--workdir={tmp_path / "w"}', '--print_commands=tpu_pod'],
       cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
   assert proc.returncode == 0, proc.stderr

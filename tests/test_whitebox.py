@@ -20,6 +20,7 @@ import fake_assets
 from configs import diffusiondb_unet
 from reverse_sd import checkpointing
 from reverse_sd import feature_cache
+from reverse_sd import pretrained
 from reverse_sd import restore
 from reverse_sd import train
 from reverse_sd.convert import sd
@@ -54,7 +55,7 @@ def _images(count, size=32, seed=0):
 
 
 def _model_and_params(config):
-  model = reverse_model.create_model(config.model)
+  model = pretrained.create_model(config.model)
   params = jax.jit(model.init)(jax.random.key(0), _images(1))['params']
   return model, params
 
@@ -94,10 +95,10 @@ def test_noise_follows_the_rng(context_file, tiny_model):
   config = _config(context_file)
   with config.unlocked():
     config.model.sd_timestep = 500
-  clean_model = reverse_model.create_model(config.model)
+  clean_model = pretrained.create_model(config.model)
   with config.unlocked():
     config.model.sd_noise = 1.0
-  model = reverse_model.create_model(config.model)
+  model = pretrained.create_model(config.model)
 
   @jax.jit
   def embeddings(params, images):
@@ -120,7 +121,7 @@ def test_clip_folder_as_weights_is_refused(context_file):
       f'tiny=1,context={context_file},weights={GOLDEN / "tiny_clip_vision"}')
   with pytest.raises(FileNotFoundError,
                      match='not a diffusers Stable Diffusion folder.*CLIP'):
-    reverse_model.create_model(config.model)
+    pretrained.create_model(config.model)
 
 
 def test_named_variant_must_match_the_folder(context_file):
@@ -129,7 +130,7 @@ def test_named_variant_must_match_the_folder(context_file):
     config.model.variant = 'sd1.5'
   with pytest.raises(ValueError,
                      match='not an sd1.5 model.*block_out_channels'):
-    reverse_model.create_model(config.model)
+    pretrained.create_model(config.model)
 
 
 def test_context_of_the_wrong_width_is_named(tmp_path):
@@ -137,7 +138,7 @@ def test_context_of_the_wrong_width_is_named(tmp_path):
   np.save(path, np.zeros((77, 16), np.float32))
   with pytest.raises(ValueError,
                      match=f'{path}.*\\[T, {CROSS_ATTENTION_DIM}\\]'):
-    reverse_model.create_model(_config(path).model)
+    pretrained.create_model(_config(path).model)
 
 
 @pytest.fixture(scope='module')

@@ -1,6 +1,7 @@
 r"""The paper's ablation on the synthetic corpus: vocabulary head, curriculum.
 
-  .venv/bin/python launch/sweep.py --sweep=configs/sweeps/ablation_synthetic.py \
+  .venv/bin/python -m reverse_sd.sweep \
+      --sweep=configs/sweeps/ablation_synthetic.py \
       --workdir=runs/ablation_synthetic --report=results/ablation_synthetic.md
 
 Four settings x 3 seeds, in this order: baseline, +vocabulary head (BCE

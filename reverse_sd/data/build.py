@@ -21,6 +21,7 @@ from typing import Any
 from absl import app
 from absl import flags
 
+from reverse_sd import cli
 from reverse_sd.data import build_common
 from reverse_sd.data import diffusiondb
 from reverse_sd.data import image_folder
@@ -126,4 +127,4 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

@@ -8,6 +8,7 @@ import pathlib
 import ml_collections
 
 from reverse_sd.data import pipeline
+from reverse_sd.data import preprocess
 from reverse_sd.data import targets as targets_lib
 
 DATA_DIR_ENV = 'REVERSE_SD_DATA_DIR'
@@ -48,7 +49,6 @@ def image_fn(data_config: ml_collections.ConfigDict):
   size = data_config.get('input_size', 0)
   if not size:
     return None
-  from reverse_sd.data import preprocess  # pylint: disable=g-import-not-at-top
   return functools.partial(preprocess.clip_preprocess, size=int(size))
 
 
@@ -66,6 +66,7 @@ def open_builder(data_config: ml_collections.ConfigDict):
         num_test=data_config.num_test,
         num_test_shifted=data_config.num_test_shifted)
   if data_config.name in _BUILD_OPTIONS:
+    # Imported here: the builders pull in tensorflow_datasets (tensorflow).
     from reverse_sd.data import build  # pylint: disable=g-import-not-at-top
     build_fn = {'diffusiondb': build.build_diffusiondb,
                 'image_folder': build.build_image_folder}[data_config.name]
@@ -84,6 +85,8 @@ def open_builder(data_config: ml_collections.ConfigDict):
 
 
 def _make_encoder(text_config: ml_collections.ConfigDict):
+  # Imported here: the MiniLM encoder (flax, tokenizers) runs only when
+  # targets are missing from the cache.
   from reverse_sd.text import minilm  # pylint: disable=g-import-not-at-top
   return minilm.SentenceEncoder(text_config.model_dir or None,
                                 batch_size=text_config.batch_size)

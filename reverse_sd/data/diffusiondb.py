@@ -318,6 +318,7 @@ class _Metadata:
   """metadata.parquet rows of the selected parts, served part by part."""
 
   def __init__(self, path: epath.Path, parts: Iterable[int]):
+    # Imported here: pyarrow is needed only to build DiffusionDB.
     # pylint: disable-next=g-import-not-at-top
     import pyarrow.parquet as pq
     self.path = os.fspath(path)

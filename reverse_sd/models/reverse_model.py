@@ -26,7 +26,8 @@ BACKBONES = {
     'convnet': (convnet.ConvNet, convnet.VARIANTS),
     'vit': (vit.VisionTransformer, vit.VARIANTS),
 }
-# Built by `whitebox.create_backbone` (shapes from the SD folder or variant).
+# Built by `whitebox.create_backbone` from `whitebox_parts` (shapes and
+# context that `reverse_sd.pretrained.create_model` reads).
 WHITEBOX = 'sd_unet'
 
 
@@ -127,7 +128,8 @@ def compute_dtype(model_config: ml_collections.ConfigDict,
 def create_model(model_config: ml_collections.ConfigDict,
                  embedding_dim: int = 384, *, vocab_size: int = 0,
                  vocab_head_input: str = 'embedding', mesh=None,
-                 platform: str | None = None) -> ReverseModel:
+                 platform: str | None = None,
+                 whitebox_parts: tuple | None = None) -> ReverseModel:
   """Builds the model named by `config.model` with clear errors on typos.
 
   The ops' implementations are chosen here, once (reverse_sd/ops/):
@@ -135,6 +137,10 @@ def create_model(model_config: ml_collections.ConfigDict,
   `platform` (default: JAX's default backend; pass 'tpu' or 'cuda' to build
   a model to lower for that platform from another host). `mesh`, the mesh
   the model runs on, lets a fused kernel run under `shard_map`.
+
+  The white-box backbone needs `whitebox_parts` = (unet_config, vae_config,
+  context or None), read from its SD folder by
+  `reverse_sd.pretrained.create_model`, which callers use for any backbone.
   """
   if model_config.backbone not in (*BACKBONES, WHITEBOX):
     raise ValueError(f'config.model.backbone={model_config.backbone!r}; '
@@ -163,8 +169,16 @@ def create_model(model_config: ml_collections.ConfigDict,
                        f"'vit', not {model_config.backbone!r}.")
     extra['use_projection'] = True
   if model_config.backbone == WHITEBOX:
-    backbone = whitebox.create_backbone(model_config, dtype, name='backbone',
-                                        attention=attention)
+    if whitebox_parts is None:
+      raise ValueError(
+          f"config.model.backbone='{WHITEBOX}' reads its shapes and context "
+          'from the SD folder: build it with reverse_sd.pretrained'
+          '.create_model, or pass whitebox_parts=(unet_config, vae_config, '
+          'context).')
+    unet_config, vae_config, context = whitebox_parts
+    backbone = whitebox.create_backbone(
+        model_config, dtype, name='backbone', attention=attention,
+        unet_config=unet_config, vae_config=vae_config, context=context)
   else:
     backbone = module_cls(variants[model_config.variant], dtype=dtype,
                           name='backbone', **extra)

@@ -35,14 +35,11 @@ step does, per step), else from a fixed key (evaluation stays deterministic).
 Shapes come from `config.model.init_from` (a diffusers SD pipeline folder)
 when it is set, else from the named variant ('sd1.5', 'sd2.1'). Variant
 'from_weights' takes whatever the folder holds (e.g. the tiny test folder);
-a named variant must match the folder.
+a named variant must match the folder. This module reads no file:
+`reverse_sd.pretrained` reads the shapes, the context and the weights.
 """
 
 from __future__ import annotations
-
-import dataclasses
-import pathlib
-from typing import Any
 
 import flax.linen as nn
 import jax
@@ -231,161 +228,18 @@ class WhiteBoxBackbone(nn.Module):
 # --- Building from config.model -----------------------------------------------
 
 
-def check_sd_folder(path: str | pathlib.Path) -> pathlib.Path:
-  """`path` as a diffusers SD pipeline folder, or a clear error."""
-  root = pathlib.Path(path)
-  if not root.is_dir():
-    raise FileNotFoundError(
-        f'config.model.init_from={str(path)!r}: no such folder (the '
-        "white-box backbone 'sd_unet' reads a diffusers Stable Diffusion "
-        'folder with unet/ and vae/ subfolders).')
-  missing = [sub for sub in ('unet', VAE_SUBFOLDER)
-             if not (root / sub).is_dir()]
-  if missing:
-    found = sorted(p.name for p in root.iterdir())[:10]
-    hint = ''
-    if (root / 'config.json').is_file() and 'clip' in (
-        root / 'config.json').read_text().lower():
-      hint = (" It looks like a CLIP checkpoint: that is the 'vit' "
-              "backbone's init_from, not the 'sd_unet' backbone's.")
-    raise FileNotFoundError(
-        f'config.model.init_from={str(path)!r} is not a diffusers Stable '
-        f'Diffusion folder: no {"/, ".join(missing)}/ subfolder (found '
-        f'{found}).{hint} Save one with StableDiffusionPipeline'
-        '.save_pretrained(dir, safe_serialization=True).')
-  return root
-
-
-def _differences(found, expected) -> list[str]:
-  found, expected = dataclasses.asdict(found), dataclasses.asdict(expected)
-  return [f'{k}: folder {found[k]}, variant {expected[k]}' for k in expected
-          if found[k] != expected[k]]
-
-
-def read_configs(model_config) -> tuple[sd_unet.UNetConfig, sd_vae.VAEConfig]:
-  """The (U-Net, VAE) shapes of `config.model` (see the module doc)."""
-  # Imported here: the converter pulls in safetensors and its tables.
-  from reverse_sd.convert import sd  # pylint: disable=g-import-not-at-top
-  variant, path = model_config.variant, model_config.init_from
-  if variant != FROM_WEIGHTS and variant not in VARIANTS:
-    raise ValueError(f'config.model.variant={variant!r} is not an sd_unet '
-                     f'variant; expected one of '
-                     f'{sorted(VARIANTS) + [FROM_WEIGHTS]}.')
-  if not path:
-    if variant == FROM_WEIGHTS:
-      raise ValueError(f"config.model.variant='{FROM_WEIGHTS}' reads the "
-                       'shapes from config.model.init_from, which is empty.')
-    return VARIANTS[variant]
-  root = check_sd_folder(path)
-  unet_config, vae_config = sd.read_unet_config(root), sd.read_vae_config(root)
-  if variant != FROM_WEIGHTS:
-    differ = (_differences(unet_config, VARIANTS[variant][0]) +
-              _differences(vae_config, VARIANTS[variant][1]))
-    if differ:
-      raise ValueError(
-          f'The SD folder {path} is not an {variant} model '
-          f'({"; ".join(differ[:6])}). Set config.model.variant to match it '
-          f"(or '{FROM_WEIGHTS}').")
-  return unet_config, vae_config
-
-
-def check_caption_encoder(model_config,
-                          cross_attention_dim: int | None = None
-                          ) -> pathlib.Path:
-  """The SD folder whose text encoder makes sd_context='caption' contexts.
-
-  Args:
-    model_config: config.model (reads init_from).
-    cross_attention_dim: when given, the text encoder's width must be it.
-
-  Raises:
-    ValueError: init_from is empty, or the text encoder's width is not
-      `cross_attention_dim`.
-    FileNotFoundError: the folder has no text_encoder/ or tokenizer/.
-  """
-  if not model_config.init_from:
-    raise ValueError(
-        f"config.model.sd_context='{CAPTION}' runs the SD folder's text "
-        "encoder on each example's prompt, but config.model.init_from is "
-        'empty. Set it to a diffusers SD folder with text_encoder/ and '
-        'tokenizer/.')
-  root = pathlib.Path(model_config.init_from)
-  missing = [sub for sub in ('text_encoder', 'tokenizer')
-             if not (root / sub).is_dir()]
-  if missing:
-    raise FileNotFoundError(
-        f"config.model.sd_context='{CAPTION}' needs the SD text encoder, "
-        f'but config.model.init_from={str(root)!r} has no '
-        f'{"/, ".join(missing)}/ subfolder. Use a full diffusers SD folder '
-        "(StableDiffusionPipeline.save_pretrained), or another sd_context.")
-  if cross_attention_dim is None:
-    return root
-  from reverse_sd.convert import clip_text  # pylint: disable=g-import-not-at-top
-  width = clip_text.read_config(root / 'text_encoder').width
-  if width != cross_attention_dim:
-    raise ValueError(
-        f'{root}/text_encoder makes {width}-d contexts but the U-Net '
-        f'attends to {cross_attention_dim}-d ones (cross_attention_dim); are '
-        'they from the same model?')
-  return root
-
-
-def load_context(model_config,
-                 unet_config: sd_unet.UNetConfig) -> np.ndarray | None:
-  """The U-Net's cross-attention context [T, D] named by config.model.
-
-  None for sd_context='caption': the context is then an input of each call.
-  """
-  kind = model_config.get('sd_context', 'empty')
-  dim = unet_config.cross_attention_dim
-  if kind == CAPTION:
-    check_caption_encoder(model_config, dim)
-    return None
-  if kind == 'empty':
-    if not model_config.init_from:
-      raise ValueError(
-          "config.model.sd_context='empty' runs the SD folder's text encoder "
-          'on the empty prompt, but config.model.init_from is empty. Set it, '
-          "or use sd_context='file' with config.model.sd_context_path.")
-    # Imported here: only this context needs the SD text encoder.
-    from reverse_sd.text import sd_context  # pylint: disable=g-import-not-at-top
-    context = np.asarray(sd_context.empty_prompt_context(
-        model_config.init_from))
-    where = f'the empty-prompt context of {model_config.init_from}'
-  elif kind == 'file':
-    path = model_config.get('sd_context_path', '')
-    if not path:
-      raise ValueError("config.model.sd_context='file' needs "
-                       'config.model.sd_context_path (a .npy [T, D]).')
-    try:
-      context = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as e:
-      raise ValueError(f'config.model.sd_context_path={path!r}: not a '
-                       f'readable .npy ({type(e).__name__}: {e}).') from e
-    where = path
-  elif kind == 'zeros':
-    context = np.zeros((CONTEXT_LENGTH, dim), np.float32)
-    where = 'zeros'
-  else:
-    raise ValueError(f'config.model.sd_context={kind!r}; expected one of '
-                     f'{CONTEXT_KINDS}.')
-  if context.ndim == 3 and context.shape[0] == 1:
-    context = context[0]
-  if context.ndim != 2 or context.shape[1] != dim:
-    raise ValueError(f'{where}: context of shape {context.shape}; the U-Net '
-                     f'needs [T, {dim}] (its cross_attention_dim).')
-  if not np.all(np.isfinite(context)):
-    raise ValueError(f'{where}: the context has non-finite values.')
-  return context.astype(np.float32)
-
-
 def create_backbone(model_config, dtype, name: str = 'backbone',
-                    attention: attention_ops.Attention = attention_ops.Attention()
-                    ) -> WhiteBoxBackbone:
+                    attention: attention_ops.Attention = attention_ops.Attention(),
+                    *, unet_config: sd_unet.UNetConfig,
+                    vae_config: sd_vae.VAEConfig,
+                    context: np.ndarray | None) -> WhiteBoxBackbone:
   """The white-box backbone `config.model` describes, its attention run by
-  `attention`."""
-  unet_config, vae_config = read_configs(model_config)
-  context = load_context(model_config, unet_config)
+  `attention`.
+
+  The shapes and the context come loaded (`reverse_sd.pretrained.read_configs`
+  and `load_context` read them from the SD folder); `context` None means
+  sd_context='caption' (a per-example input).
+  """
   return WhiteBoxBackbone(
       unet_config, vae_config,
       None if context is None else Constant(context),
@@ -394,12 +248,3 @@ def create_backbone(model_config, dtype, name: str = 'backbone',
       timestep=int(model_config.get('sd_timestep', 0)),
       noise_level=float(model_config.get('sd_noise', 0.0)), dtype=dtype,
       attention=attention, name=name)
-
-
-def load_pretrained(model_config) -> dict[str, Any]:
-  """{'vae': ..., 'unet': ...} params (numpy) from `config.model.init_from`."""
-  from reverse_sd.convert import sd  # pylint: disable=g-import-not-at-top
-  root = check_sd_folder(model_config.init_from)
-  _, vae_params = sd.load_vae_encoder(root)
-  _, unet_params = sd.load_unet_encoder(root)
-  return {'vae': vae_params, 'unet': unet_params}

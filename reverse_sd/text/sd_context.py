@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from reverse_sd.convert import clip_text as clip_text_convert
+from reverse_sd.convert import clip_text_weights as clip_text_convert
 from reverse_sd.models import clip_text
 from reverse_sd.text import clip_tokenizer
 

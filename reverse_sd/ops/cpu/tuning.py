@@ -107,6 +107,8 @@ def _accelerator_runtimes() -> list[str]:
   names = [entry.name for entry in
            importlib.metadata.entry_points(group='jax_plugins')]
   try:
+    # Imported here: an optional namespace package, present only when an
+    # accelerator plugin is installed.
     import jax_plugins  # pylint: disable=g-import-not-at-top
     names += [module.name for module in pkgutil.iter_modules(
         jax_plugins.__path__)]

@@ -1,6 +1,6 @@
 r"""Runs a hyperparameter sweep one run after another, then writes a report.
 
-  .venv/bin/python launch/sweep.py \
+  .venv/bin/python -m reverse_sd.sweep \
       --sweep=configs/sweeps/ablation_synthetic.py \
       --workdir=runs/ablation_synthetic \
       [--report=results/ablation_synthetic.md] \
@@ -70,17 +70,14 @@ import sys
 import time
 from typing import Any
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:
-  # Run as a script: the config files import `configs`, the runs `reverse_sd`.
-  sys.path.insert(0, str(REPO_ROOT))
-
-# pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import app
 from absl import flags
 import ml_collections
 from ml_collections import config_flags
-# pylint: enable=g-import-not-at-top,wrong-import-position
+
+from reverse_sd import cli
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 FLAGS = flags.FLAGS
 
@@ -796,12 +793,17 @@ def current_provenance() -> dict[str, str]:
     executable = executable.relative_to(pathlib.Path.cwd())
   except ValueError:
     pass
+  arguments = sys.argv
+  main_spec = getattr(sys.modules.get('__main__'), '__spec__', None)
+  if main_spec is not None and main_spec.name:
+    # Run with `python -m`: record the module, not the path of its file.
+    arguments = ['-m', main_spec.name, *sys.argv[1:]]
   processor = platform.processor() or platform.machine() or 'unknown CPU'
   return {
       'date': datetime.datetime.now(datetime.timezone.utc).strftime(
           '%Y-%m-%d %H:%M UTC'),
       'machine': f'{platform.node()}: {processor}, {os.cpu_count()} cores',
-      'command': shlex.join([str(executable), *sys.argv]),
+      'command': shlex.join([str(executable), *arguments]),
   }
 
 
@@ -968,4 +970,4 @@ def main(argv: Sequence[str]) -> None:
 
 if __name__ == '__main__':
   _define_flags()
-  app.run(main)
+  cli.run(main)

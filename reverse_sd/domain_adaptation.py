@@ -1,6 +1,6 @@
 r"""The domain-adaptation table: one model, an ensemble and DA-KL, over seeds.
 
-  .venv/bin/python launch/domain_adaptation.py \
+  .venv/bin/python -m reverse_sd.domain_adaptation \
       --sweep_dir=runs/ablation_synthetic \
       --output=results/domain_adaptation_synthetic.md \
       [--seeds=0,1,2] [--single=baseline] [--ensemble=baseline,vocab] \
@@ -8,7 +8,7 @@ r"""The domain-adaptation table: one model, an ensemble and DA-KL, over seeds.
       [--select_on_validation [--gammas=1,3,10,30,100] \
        [--alphas=0.01,0.1,1,10,100]]
 
-The runs are those of a sweep (`launch/sweep.py`): SWEEP_DIR/<group>_seed<s>.
+The runs are those of a sweep (`python -m reverse_sd.sweep`): SWEEP_DIR/<group>_seed<s>.
 For each seed s, with the predictions of `--single` (default baseline) and of
 the `--ensemble` groups (default baseline and vocab), on each of the splits
 `test` and `test_shifted` (the other domain), the rows are
@@ -60,22 +60,16 @@ import sys
 import time
 from typing import Any
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:
-  # Run as a script: `reverse_sd` and `launch` live in the repo root.
-  sys.path.insert(0, str(REPO_ROOT))
-
-# pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import app
 from absl import flags
 import numpy as np
 
-from launch import sweep as sweep_lib
+from reverse_sd import cli
 from reverse_sd import dakl
 from reverse_sd import ensemble
 from reverse_sd import predictions as predictions_lib
+from reverse_sd import sweep as sweep_lib
 from reverse_sd.ops.cpu import tuning
-# pylint: enable=g-import-not-at-top,wrong-import-position
 
 FLAGS = flags.FLAGS
 
@@ -179,7 +173,7 @@ def run_workdirs(sweep_dir: str | pathlib.Path,
         f'{", ".join(missing)}. Expected <group>_seed<s> under '
         f'--sweep_dir={sweep_dir} for groups {settings.groups()} (--single, '
         f'--ensemble) and seeds {list(settings.seeds)} (--seeds); train them '
-        'with launch/sweep.py or choose other groups or seeds.')
+        'with python -m reverse_sd.sweep or choose other groups or seeds.')
   return workdirs
 
 
@@ -622,4 +616,4 @@ def main(argv: Sequence[str]) -> None:
 
 if __name__ == '__main__':
   _define_flags()
-  app.run(main)
+  cli.run(main)
