@@ -35,7 +35,7 @@ import jax
 import numpy as np
 
 from reverse_sd import evaluate
-from reverse_sd import predictions
+from reverse_sd import prediction_cache
 from reverse_sd import restore
 from reverse_sd import vocab_metrics
 from reverse_sd.data import datasets
@@ -196,7 +196,7 @@ def save_predictions(path: pathlib.Path, analysis: SplitAnalysis, step: int,
   if analysis.word_scores_NxV is not None:
     arrays['word_scores'] = analysis.word_scores_NxV
     arrays['vocabulary'] = np.asarray(list(vocabulary_words), dtype=str)
-  predictions.atomic_write(path, lambda f: np.savez(f, **arrays))
+  prediction_cache.atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
 # ----------------------------------------------------------------------------
@@ -476,7 +476,7 @@ def analyze(workdir: str | os.PathLike[str], *, step: int | None = None,
                          results_reference=_results_reference(run, split),
                          num_examples=num_examples, top_k=top_k,
                          max_words=max_words)
-    predictions.atomic_write(report_path, lambda f: f.write(page.encode('utf-8')))
+    prediction_cache.atomic_write(report_path, lambda f: f.write(page.encode('utf-8')))
     logging.info('Wrote %s and %s.', predictions_path, report_path)
   return {'workdir': str(run.workdir), 'step': run.step, 'split': split,
           'predictions': str(predictions_path), 'report': str(report_path),

@@ -61,7 +61,7 @@ of rows against all centroids. Deterministic given the seed; the objective
 sum(1 - cos) never increases.
 
 The command (predictions are computed and cached when missing, see
-`reverse_sd.predictions`):
+`reverse_sd.prediction_cache`):
 
   python -m reverse_sd.dakl --workdirs=RUN[,RUN...] \
       [--weights=W,... | --fit_weights] --split=test_shifted \
@@ -100,7 +100,7 @@ import scipy.linalg
 from scipy.linalg import blas
 
 from reverse_sd import ensemble
-from reverse_sd import predictions as predictions_lib
+from reverse_sd import prediction_cache
 from reverse_sd.ops.cpu import tuning
 
 DEFAULT_GAMMA = 10.0
@@ -121,7 +121,7 @@ _EPS = 1e-12
 def unit_rows(x_NxD: np.ndarray, what: str) -> np.ndarray:
   """float32 rows scaled to unit norm; raises ValueError naming `what` for an
   empty, non-finite or all-zero input row."""
-  predictions_lib.check_embeddings(x_NxD, what)
+  prediction_cache.check_embeddings(x_NxD, what)
   x_NxD = np.asarray(x_NxD, np.float32)
   norms = np.linalg.norm(x_NxD, axis=1, keepdims=True)
   if np.any(norms == 0):
@@ -274,7 +274,7 @@ def fit_predict_alphas(source_x: np.ndarray, source_y: np.ndarray,
   """
   source = unit_rows(source_x, 'source_x')
   target = unit_rows(target_x, 'target_x')
-  predictions_lib.check_embeddings(source_y, 'source_y')
+  prediction_cache.check_embeddings(source_y, 'source_y')
   _check_same_size(source, target, 'source_x', 'target_x')
   if len(source_y) != len(source):
     raise ValueError(f'source_y has {len(source_y)} rows for {len(source)} '
@@ -550,7 +550,7 @@ def run_dakl(workdirs: Sequence[str], *, split: str,
   needed = ['train', split]
   if fit_weights or select:
     needed.insert(1, 'validation')
-  runs = predictions_lib.load_aligned(workdirs, list(dict.fromkeys(needed)),
+  runs = prediction_cache.load_aligned(workdirs, list(dict.fromkeys(needed)),
                                       compute_missing=compute_missing)
   timings['predictions'] = time.time() - start
   chosen, how = ensemble.choose_weights(
@@ -591,16 +591,16 @@ def run_dakl(workdirs: Sequence[str], *, split: str,
       'use_target': use_target, 'num_target': len(members[0]),
       'requested_num_centroids': num_centroids, **source_info,
       'metrics': {
-          'adapted': predictions_lib.embedding_metrics(adapted,
+          'adapted': prediction_cache.embedding_metrics(adapted,
                                                        targets[split]),
-          'unadapted': predictions_lib.embedding_metrics(features[split],
+          'unadapted': prediction_cache.embedding_metrics(features[split],
                                                          targets[split])},
       'selection': grid, 'seconds': timings}
-  predictions_lib.atomic_write(
+  prediction_cache.atomic_write(
       output_dir / f'{stem}.npz', lambda f: np.savez(
           f, ids=members[0].ids, adapted_embedding=adapted,
           input_embedding=features[split], true_embedding=targets[split]))
-  predictions_lib.write_json(output_dir / f'{stem}.json', record)
+  prediction_cache.write_json(output_dir / f'{stem}.json', record)
   record['output'] = str(output_dir / f'{stem}.json')
   logging.info('DA-KL on %s: cosine %.4f -> %.4f; wrote %s.', split,
                record['metrics']['unadapted']['cosine'],
@@ -612,8 +612,8 @@ def _main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise SystemExit(f'dakl: unexpected arguments {argv[1:]}')
   tuning.tune_process()
-  parse_list = predictions_lib.parse_list
-  parse_floats = predictions_lib.parse_floats
+  parse_list = prediction_cache.parse_list
+  parse_floats = prediction_cache.parse_floats
   try:
     record = run_dakl(
         parse_list(_FLAGS.workdirs, 'workdirs'), split=_FLAGS.split,

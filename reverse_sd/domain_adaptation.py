@@ -28,7 +28,7 @@ the `--ensemble` groups (default baseline and vocab), on each of the splits
   5. single model + DA-KL: as 3 on the single run's predictions (k-means of
      its own TRAIN predictions).
 
-Metrics: `cosine` and `recall@5` of `reverse_sd.predictions.
+Metrics: `cosine` and `recall@5` of `reverse_sd.prediction_cache.
 embedding_metrics` (the JSON keeps recall@1 and @10 too); each table cell is
 the mean ± sample std (ddof=1) over the seeds.
 
@@ -39,8 +39,8 @@ the target points (`dakl.select_on_validation`): the transductive choice is
 made on validation, never on test or test_shifted, and the chosen values
 then serve both splits. The chosen values are recorded per seed.
 
-Predictions come from each run's cache (`predictions.load_or_predict_many`,
-through `predictions.load_aligned`): missing ones are computed from the
+Predictions come from each run's cache (`prediction_cache.load_or_predict_many`,
+through `prediction_cache.load_aligned`): missing ones are computed from the
 run's latest checkpoint and saved, so a rerun only repeats the DA-KL part.
 It writes the markdown at --output (a .md path) and the JSON behind it at
 the same path with suffix .json: provenance (date UTC, machine, command),
@@ -67,7 +67,7 @@ import numpy as np
 from reverse_sd import cli
 from reverse_sd import dakl
 from reverse_sd import ensemble
-from reverse_sd import predictions as predictions_lib
+from reverse_sd import prediction_cache
 from reverse_sd import sweep as sweep_lib
 from reverse_sd.ops.cpu import tuning
 
@@ -215,7 +215,7 @@ def evaluate_seed(seed: int, workdirs: Mapping[str, pathlib.Path],
   """
   timings: dict[str, Any] = {}
   groups = list(workdirs)
-  runs = _timed(timings, 'predictions', predictions_lib.load_aligned,
+  runs = _timed(timings, 'predictions', prediction_cache.load_aligned,
                 [workdirs[g] for g in groups], NEEDED_SPLITS)
   member = {group: index for index, group in enumerate(groups)}
   targets = {split: runs[split][0].targets for split in NEEDED_SPLITS}
@@ -238,7 +238,7 @@ def evaluate_seed(seed: int, workdirs: Mapping[str, pathlib.Path],
     inputs = features[row.features]
     if row.use_target is None:
       record_metrics[row.key] = {
-          split: predictions_lib.embedding_metrics(inputs[split],
+          split: prediction_cache.embedding_metrics(inputs[split],
                                                    targets[split])
           for split in EVAL_SPLITS}
       continue
@@ -260,7 +260,7 @@ def evaluate_seed(seed: int, workdirs: Mapping[str, pathlib.Path],
                        gamma=chosen['gamma'], alpha=chosen['alpha'],
                        use_target=row.use_target,
                        chunk_size=settings.chunk_size)
-      record_metrics[row.key][split] = predictions_lib.embedding_metrics(
+      record_metrics[row.key][split] = prediction_cache.embedding_metrics(
           adapted, targets[split])
     logging.info('Seed %d, %s: cosine %s (gamma %g, alpha %g).', seed,
                  row.label, {s: round(m['cosine'], 4)
@@ -528,9 +528,9 @@ def write_outputs(output: str | pathlib.Path, markdown: str,
   returns the JSON path."""
   output = check_output(output)
   json_path = output.with_suffix('.json')
-  predictions_lib.atomic_write(output,
+  prediction_cache.atomic_write(output,
                                lambda f: f.write(markdown.encode('utf-8')))
-  predictions_lib.write_json(json_path, dict(data))
+  prediction_cache.write_json(json_path, dict(data))
   return json_path
 
 
@@ -577,7 +577,7 @@ def _define_flags() -> None:
 
 
 def _parse_seeds(text: str) -> tuple[int, ...]:
-  items = predictions_lib.parse_list(text, 'seeds')
+  items = prediction_cache.parse_list(text, 'seeds')
   try:
     return tuple(int(item) for item in items)
   except ValueError as e:
@@ -587,10 +587,10 @@ def _parse_seeds(text: str) -> tuple[int, ...]:
 
 def settings_from_flags() -> Settings:
   """Settings from the command-line flags; ValueError names a bad flag."""
-  parse_floats = predictions_lib.parse_floats
+  parse_floats = prediction_cache.parse_floats
   return Settings(
       seeds=_parse_seeds(FLAGS.seeds), single=FLAGS.single,
-      ensemble=tuple(predictions_lib.parse_list(FLAGS.ensemble, 'ensemble')),
+      ensemble=tuple(prediction_cache.parse_list(FLAGS.ensemble, 'ensemble')),
       num_centroids=FLAGS.num_centroids, gamma=FLAGS.gamma,
       alpha=FLAGS.alpha, select_on_validation=FLAGS.select_on_validation,
       gammas=tuple(parse_floats(FLAGS.gammas, 'gammas')),

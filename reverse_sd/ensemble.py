@@ -19,7 +19,7 @@ suffice for any number of runs.
       --fit_weights] [--splits=test,test_shifted] [--output_dir=DIR]
 
 Missing predictions are computed and cached in each run
-(`reverse_sd.predictions`). For each split it writes `ensemble_<split>.npz`
+(`reverse_sd.prediction_cache`). For each split it writes `ensemble_<split>.npz`
 ('ids', 'predicted_embedding', 'true_embedding') and `ensemble_<split>.json`
 (weights, runs and steps; cosine and recall@1/5/10 of the ensemble and of
 each run) into --output_dir, by default `<parent of RUN_A>/ensemble-<names>`.
@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from reverse_sd import predictions as predictions_lib
+from reverse_sd import prediction_cache
 from reverse_sd.ops.cpu import tuning
 
 DEFAULT_NUM_STEPS = 300
@@ -58,7 +58,7 @@ def _stack(predictions: Sequence[np.ndarray]) -> np.ndarray:
   if not predictions:
     raise ValueError('No predictions to ensemble: expected at least one run.')
   for r, preds in enumerate(predictions):
-    predictions_lib.check_embeddings(preds, f'predictions of run {r}')
+    prediction_cache.check_embeddings(preds, f'predictions of run {r}')
     if np.shape(preds) != np.shape(predictions[0]):
       raise ValueError(f'Run {r} predictions have shape {np.shape(preds)}, '
                        f'run 0 {np.shape(predictions[0])}; the runs must '
@@ -170,7 +170,7 @@ def fit_weights(predictions: Sequence[np.ndarray], targets_NxD: np.ndarray, *,
 
 def choose_weights(num_runs: int, *, weights: Sequence[float] | None = None,
                    fit: bool = False,
-                   validation: Sequence[predictions_lib.Predictions] = ()
+                   validation: Sequence[prediction_cache.Predictions] = ()
                    ) -> tuple[np.ndarray, str]:
   """The ensemble weights and how they were chosen ('given', 'fitted on
   validation', 'uniform'; a single run gets weight 1, 'single run')."""
@@ -206,7 +206,7 @@ def run_ensemble(workdirs: Sequence[str], *, splits: Sequence[str],
                  output_dir: str | os.PathLike[str] = '') -> dict:
   """Predicts (or loads) every run's splits, combines, scores and writes."""
   needed = list(dict.fromkeys([*(['validation'] if fit else []), *splits]))
-  runs = predictions_lib.load_aligned(workdirs, needed)
+  runs = prediction_cache.load_aligned(workdirs, needed)
   chosen, how = choose_weights(len(workdirs), weights=weights, fit=fit,
                                validation=runs.get('validation', ()))
   output_dir = pathlib.Path(output_dir or default_output_dir(workdirs, ''))
@@ -218,16 +218,16 @@ def run_ensemble(workdirs: Sequence[str], *, splits: Sequence[str],
     combined = combine([p.predicted for p in members], chosen)
     targets = members[0].targets
     record = dict(summary, split=split,
-                  metrics=predictions_lib.embedding_metrics(combined, targets),
-                  members=[predictions_lib.embedding_metrics(p.predicted,
+                  metrics=prediction_cache.embedding_metrics(combined, targets),
+                  members=[prediction_cache.embedding_metrics(p.predicted,
                                                              targets)
                            for p in members])
     del record['splits']
-    predictions_lib.atomic_write(
+    prediction_cache.atomic_write(
         output_dir / f'ensemble_{split}.npz',
         lambda f, c=combined, m=members[0]: np.savez(
             f, ids=m.ids, predicted_embedding=c, true_embedding=m.targets))
-    predictions_lib.write_json(output_dir / f'ensemble_{split}.json', record)
+    prediction_cache.write_json(output_dir / f'ensemble_{split}.json', record)
     summary['splits'][split] = record['metrics']
     logging.info('Ensemble on %s: cosine %.4f (members %s).', split,
                  record['metrics']['cosine'],
@@ -241,12 +241,12 @@ def _main(argv: Sequence[str]) -> None:
     raise SystemExit(f'ensemble: unexpected arguments {argv[1:]}')
   tuning.tune_process()
   try:
-    workdirs = predictions_lib.parse_list(_FLAGS.workdirs, 'workdirs')
+    workdirs = prediction_cache.parse_list(_FLAGS.workdirs, 'workdirs')
     weights = None
     if _FLAGS.weights:
-      weights = predictions_lib.parse_floats(_FLAGS.weights, 'weights')
+      weights = prediction_cache.parse_floats(_FLAGS.weights, 'weights')
     summary = run_ensemble(
-        workdirs, splits=predictions_lib.parse_list(_FLAGS.splits, 'splits'),
+        workdirs, splits=prediction_cache.parse_list(_FLAGS.splits, 'splits'),
         weights=weights, fit=_FLAGS.fit_weights, output_dir=_FLAGS.output_dir)
   except (FileNotFoundError, ValueError) as e:
     raise SystemExit(f'ensemble: error: {e}') from e

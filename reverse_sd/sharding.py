@@ -272,7 +272,8 @@ def tree_shardings(mesh: Mesh, abstract_tree: Any,
   return jax.tree_util.tree_map_with_path(sharding_for, abstract_tree)
 
 
-def state_shardings(mesh: Mesh, abstract_state: Any, layout: ParamLayout):
+def state_layout_shardings(mesh: Mesh, abstract_state: Any,
+                           layout: ParamLayout):
   """NamedShardings of a train state whose optimiser state follows `params`.
 
   The rules see each parameter's path below `params` (e.g.

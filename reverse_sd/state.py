@@ -77,7 +77,7 @@ def state_shardings(mesh: Mesh, abstract_state: Any,
     moments take their parameter's sharding.
   """
   layout = _as_layout(layout)
-  shardings = sharding.state_shardings(mesh, abstract_state, layout)
+  shardings = sharding.state_layout_shardings(mesh, abstract_state, layout)
   logging.info(
       "Layout (preset %r, mesh %s): parameters %s; with the optimiser state "
       '%s.', layout.preset, dict(mesh.shape),

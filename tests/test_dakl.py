@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from reverse_sd import dakl
-from reverse_sd import predictions
+from reverse_sd import prediction_cache
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -168,14 +168,14 @@ def test_bad_inputs_give_clear_errors(tmp_path):
   # A run without saved predictions: the path and the command that makes it.
   with pytest.raises(FileNotFoundError, match=(
       r'predictions/test_shifted_step<N>\.npz.*python -m '
-      r'reverse_sd\.predictions --workdir=.* --splits=test_shifted')):
-    predictions.load_predictions(tmp_path, 'test_shifted')
+      r'reverse_sd\.prediction_cache --workdir=.* --splits=test_shifted')):
+    prediction_cache.load_predictions(tmp_path, 'test_shifted')
   with pytest.raises(FileNotFoundError, match='train'):
     dakl.run_dakl([str(tmp_path)], split='test_shifted',
                   compute_missing=False)
   # The command's path: no checkpoints and nothing saved.
   with pytest.raises(FileNotFoundError,
-                     match='python -m reverse_sd.predictions'):
+                     match='python -m reverse_sd.prediction_cache'):
     dakl.run_dakl([str(tmp_path / 'none')], split='test')
   with pytest.raises(ValueError, match='--split=train'):
     dakl.run_dakl([str(tmp_path)], split='train')
@@ -190,11 +190,11 @@ def _write_fake_run(workdir, seed, splits=('train', 'validation',
   for split, size in zip(splits, (60, 15, 12)):
     targets = _unit(rng.normal(size=(size, 8))).astype(np.float32)
     predicted = _unit(targets + 0.5 * noise.normal(size=targets.shape))
-    predictions.save_predictions(
-        predictions.Predictions(split, step, np.array(
+    prediction_cache.save_predictions(
+        prediction_cache.Predictions(split, step, np.array(
             [f'{split}-{i}' for i in range(size)]), predicted.astype(
                 np.float32), targets),
-        predictions.predictions_path(workdir, split, step))
+        prediction_cache.predictions_path(workdir, split, step))
 
 
 def test_run_dakl_on_saved_predictions_of_an_ensemble(tmp_path):

@@ -1,7 +1,7 @@
 """Tests of reverse_sd/domain_adaptation.py on fake runs.
 
 The runs are folders holding only prediction caches written by hand in the
-format of `reverse_sd.predictions` (WORKDIR/predictions/<split>_step<N>.npz),
+format of `reverse_sd.prediction_cache` (WORKDIR/predictions/<split>_step<N>.npz),
 so no model is restored or run.
 """
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from reverse_sd import ensemble
-from reverse_sd import predictions
+from reverse_sd import prediction_cache
 
 
 def _unit(x):
@@ -86,17 +86,17 @@ def test_bad_inputs_give_clear_errors():
   with pytest.raises(ValueError, match='either --weights or --fit_weights'):
     ensemble.choose_weights(2, weights=[1, 1], fit=True)
   with pytest.raises(ValueError, match='--weights=.*numbers'):
-    predictions.parse_floats('0.5,x', 'weights')
+    prediction_cache.parse_floats('0.5,x', 'weights')
 
 
 def _write_fake_run(workdir, seed, *, size=20, ids_prefix='ex', step=3):
   targets = _targets(num=size, dim=8)
   for split in ('validation', 'test'):
-    predictions.save_predictions(
-        predictions.Predictions(
+    prediction_cache.save_predictions(
+        prediction_cache.Predictions(
             split, step, np.array([f'{ids_prefix}{i}' for i in range(size)]),
             _noisy(targets, 0.8, seed + 1), targets),
-        predictions.predictions_path(workdir, split, step))
+        prediction_cache.predictions_path(workdir, split, step))
 
 
 def test_run_ensemble_on_saved_predictions(tmp_path):

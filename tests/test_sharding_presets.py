@@ -5,7 +5,7 @@ and ('data', 'model') = (2, 4): the named parameters and their AdamW moments
 get the expected PartitionSpecs, the bytes per device shrink by the expected
 amount, and two train steps match the replicated run. If the specs differ,
 check the PARTITION_RULES in reverse_sd/models/{vit,sd_unet}.py; if the
-moments differ from their parameters, `sharding.state_shardings`; if the
+moments differ from their parameters, `sharding.state_layout_shardings`; if the
 numbers differ, the layout changed the computation (it never should: only
 XLA's collectives change).
 """
@@ -134,7 +134,7 @@ def test_vit_fsdp_splits_params_and_moments_by_shape():
   assert per_device == _expected_bytes(abstract.params, specs, mesh)
   # With no size limit every array has a dimension 8 divides: 1/8 each.
   layout = state_lib.param_layout(config.mesh)
-  everything = sharding.state_shardings(
+  everything = sharding.state_layout_shardings(
       mesh, abstract, dataclasses.replace(layout, fsdp_min_size=1))
   total = sum(l.size * 4 for l in jax.tree_util.tree_leaves(abstract.params))
   assert sharding.per_device_bytes(abstract.params,

@@ -10,12 +10,12 @@ with 'ids' [N] str, 'predicted_embedding' [N, D] float32 (unit norm),
 'true_embedding' [N, D] float32 (the MiniLM prompt embeddings), 'step' and
 'split'. Files are written atomically (a crash leaves no half file).
 
-  preds = predictions.load_predictions(workdir, 'test')     # files only
-  preds = predictions.load_or_predict(workdir, 'test')      # or computes
+  preds = prediction_cache.load_predictions(workdir, 'test')     # files only
+  preds = prediction_cache.load_or_predict(workdir, 'test')      # or computes
 
 The command computes (or refreshes) them:
 
-  python -m reverse_sd.predictions --workdir=RUN [--step=N] \
+  python -m reverse_sd.prediction_cache --workdir=RUN [--step=N] \
       [--splits=train,validation,test,test_shifted] [--overwrite]
 """
 
@@ -101,8 +101,8 @@ def predict_command(workdir: str | os.PathLike[str], splits: Sequence[str],
                     step: int | None = None) -> str:
   """The shell command that writes the predictions files."""
   step_flag = '' if step is None else f' --step={step}'
-  return (f'python -m reverse_sd.predictions --workdir={workdir}{step_flag} '
-          f'--splits={",".join(splits)}')
+  return (f'python -m reverse_sd.prediction_cache --workdir={workdir}'
+          f'{step_flag} --splits={",".join(splits)}')
 
 
 def save_predictions(predictions: Predictions,
