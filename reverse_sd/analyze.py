@@ -36,7 +36,7 @@ import numpy as np
 
 from reverse_sd import evaluate
 from reverse_sd import prediction_cache
-from reverse_sd import restore
+from reverse_sd import saved_run
 from reverse_sd import vocab_metrics
 from reverse_sd.data import datasets
 from reverse_sd.data import pipeline
@@ -85,7 +85,7 @@ def retrieval_ranks(pred_NxD: np.ndarray, bank_NxD: np.ndarray,
   return ranks
 
 
-def _word_group_columns(run: restore.Run) -> dict[str, list[int]] | None:
+def _word_group_columns(run: saved_run.Run) -> dict[str, list[int]] | None:
   """Vocabulary columns of the synthetic corpus's word groups."""
   if run.vocabulary is None or run.config.data.name != 'synthetic':
     return None
@@ -94,13 +94,13 @@ def _word_group_columns(run: restore.Run) -> dict[str, list[int]] | None:
           for group, words in synthetic_grammar.word_groups().items()}
 
 
-def analyze_split(run: restore.Run, name: str, *,
+def analyze_split(run: saved_run.Run, name: str, *,
                   batch_size: int = 0) -> SplitAnalysis:
   """Predicts split `name` with the run's parameters and scores it like
   `train.train_and_evaluate` does (plus per-example scores)."""
   wanted = list(dict.fromkeys(('train', 'validation', name)))
   splits = datasets.load_splits(run.config, wanted)
-  multiple = restore.data_batch_multiple(run)
+  multiple = saved_run.data_batch_multiple(run)
   batch_size = batch_size or int(run.config.eval.batch_size)
   batch_size = -(-batch_size // multiple) * multiple
   split = splits[name]
@@ -337,7 +337,7 @@ def _word_groups_table(groups: dict) -> str:
           f'<th>examples</th></tr>{rows}</table>')
 
 
-def _example_card(analysis: SplitAnalysis, index: int, run: restore.Run,
+def _example_card(analysis: SplitAnalysis, index: int, run: saved_run.Run,
                   bank: prompt_bank_lib.PromptBank, top_k: int) -> str:
   table = analysis.split.table
   image = analysis.split.load_images(np.array([index]))[0]
@@ -385,7 +385,7 @@ def _word_table(rows: list[dict], max_rows: int, k: int) -> str:
           f'{body}</table>')
 
 
-def render_report(run: restore.Run, analysis: SplitAnalysis, *,
+def render_report(run: saved_run.Run, analysis: SplitAnalysis, *,
                   curves_png: bytes | None, results_reference: dict | None,
                   num_examples: int, top_k: int, max_words: int = 200) -> str:
   """The self-contained HTML page of the analysis."""
@@ -443,7 +443,7 @@ def render_report(run: restore.Run, analysis: SplitAnalysis, *,
 # The command.
 
 
-def _results_reference(run: restore.Run, split: str) -> dict | None:
+def _results_reference(run: saved_run.Run, split: str) -> dict | None:
   """The split's scores in results.json, if it was written at this step."""
   path = run.workdir / 'results.json'
   if not path.is_file():
@@ -462,7 +462,7 @@ def analyze(workdir: str | os.PathLike[str], *, step: int | None = None,
             num_examples: int = 8, top_k: int = 5, batch_size: int = 0,
             max_words: int = 200) -> dict:
   """Writes the predictions file and the report; returns a summary dict."""
-  run = restore.load_run(workdir, step)
+  run = saved_run.restore_run(workdir, step)
   output_dir = pathlib.Path(output_dir or run.workdir / 'analysis')
   analysis = analyze_split(run, split, batch_size=batch_size)
   stem = f'{split}_step{run.step}'

@@ -37,7 +37,7 @@ import ml_collections
 import numpy as np
 
 from reverse_sd import evaluate
-from reverse_sd import restore
+from reverse_sd import saved_run
 from reverse_sd.data import datasets
 from reverse_sd.ops.cpu import tuning
 
@@ -145,11 +145,11 @@ def score_run(workdir: str | pathlib.Path, *, weighting: str = 'linear',
               batch_size: int | None = None) -> Scores:
   """Difficulty of every training example from a run's kept checkpoints."""
   workdir = pathlib.Path(workdir).resolve()
-  restore.load_run_config(workdir)  # Names a folder that is not a run at all.
-  steps = restore.checkpoint_steps(workdir)
+  saved_run.load_run_config(workdir)  # Names a folder that is not a run at all.
+  steps = saved_run.checkpoint_steps(workdir)
   # Raises a clear error when there is no checkpoint (train the baseline
   # first) or when one does not fit the run's config.
-  run = restore.load_run(workdir, steps[0] if steps else None)
+  run = saved_run.restore_run(workdir, steps[0] if steps else None)
   weights = checkpoint_weights(len(steps), weighting)
   train = datasets.load_splits(run.config, ['train'])['train']
   batch_size = batch_size or run.config.eval.batch_size
@@ -366,7 +366,7 @@ def _main(argv: Sequence[str]) -> None:
     raise SystemExit(_USAGE)
   tuning.tune_process()
   workdir = pathlib.Path(_FLAGS.workdir)
-  config = restore.load_run_config(workdir)
+  config = saved_run.load_run_config(workdir)
   if argv[1] == 'compare':
     # How close a saved model-based score is to the known alignment.
     if not _FLAGS.scores:

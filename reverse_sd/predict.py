@@ -44,7 +44,7 @@ import jax
 import numpy as np
 from PIL import Image
 
-from reverse_sd import restore
+from reverse_sd import saved_run
 from reverse_sd import sharding
 from reverse_sd.data import datasets
 from reverse_sd.data import preprocess
@@ -187,7 +187,7 @@ class EmbeddingWriter:
     self._rows_path.unlink(missing_ok=True)
 
 
-def check_predicts_new_images(run: restore.Run) -> None:
+def check_predicts_new_images(run: saved_run.Run) -> None:
   """Raises ValueError when the run's model cannot predict an image alone.
 
   A white-box model with sd_context='caption' reads the SD text encoder's
@@ -210,12 +210,12 @@ def check_predicts_new_images(run: restore.Run) -> None:
 class Predictor:
   """Images -> prediction records with a restored run, batch by batch."""
 
-  def __init__(self, run: restore.Run, *, batch_size: int = 0,
+  def __init__(self, run: saved_run.Run, *, batch_size: int = 0,
                bank: prompt_bank_lib.PromptBank | None = None,
                top_k: int = 10, num_prompts: int = 5,
                max_pixels: int = DEFAULT_MAX_PIXELS, num_workers: int = 4):
     check_predicts_new_images(run)
-    multiple = restore.data_batch_multiple(run)
+    multiple = saved_run.data_batch_multiple(run)
     batch_size = batch_size or int(run.config.eval.batch_size)
     # Round up to a multiple of the devices of the data axis.
     self.batch_size = -(-batch_size // multiple) * multiple
@@ -304,7 +304,7 @@ class Predictor:
       yield record
 
 
-def training_prompt_bank(run: restore.Run) -> prompt_bank_lib.PromptBank:
+def training_prompt_bank(run: saved_run.Run) -> prompt_bank_lib.PromptBank:
   """The run's training prompts and their target embeddings."""
   try:
     train = datasets.load_splits(run.config, ['train'])['train']
@@ -320,7 +320,7 @@ def training_prompt_bank(run: restore.Run) -> prompt_bank_lib.PromptBank:
       source=f'training prompts of {run.workdir}')
 
 
-def text_file_prompt_bank(run: restore.Run,
+def text_file_prompt_bank(run: saved_run.Run,
                           path: str | os.PathLike[str]
                           ) -> prompt_bank_lib.PromptBank:
   """Prompts of a text file, embedded with the run's target encoder."""
@@ -350,7 +350,7 @@ class _ProgressLine:
                  errors, done / max(now - self._start, 1e-9))
 
 
-def predict_to_files(run: restore.Run, paths: Sequence[pathlib.Path], *,
+def predict_to_files(run: saved_run.Run, paths: Sequence[pathlib.Path], *,
                      output: str = '', embeddings_out: str = '',
                      prompt_bank: str = '', top_k: int = 10,
                      num_prompts: int = 5, batch_size: int = 0,
@@ -410,7 +410,7 @@ def _main(argv: Sequence[str]) -> None:
   warnings.simplefilter('ignore', Image.DecompressionBombWarning)
   try:
     paths = find_images(inputs)  # Fails fast, before restoring the model.
-    run = restore.load_run(_FLAGS.workdir,
+    run = saved_run.restore_run(_FLAGS.workdir,
                            None if _FLAGS.step < 0 else _FLAGS.step)
     summary = predict_to_files(
         run, paths, output=_FLAGS.output,

@@ -164,7 +164,7 @@ def load_predictions(workdir: str | os.PathLike[str], split: str,
 
 def compute_predictions(run, splits: Sequence[str], *,
                         batch_size: int = 0) -> dict[str, Predictions]:
-  """Runs the restored `run` (a `restore.Run`) over `splits`.
+  """Runs the restored `run` (a `saved_run.Run`) over `splits`.
 
   The batch size defaults to the run's eval batch size, rounded up to a
   multiple of the data-parallel devices. Images are read and fed as in
@@ -172,10 +172,10 @@ def compute_predictions(run, splits: Sequence[str], *,
   """
   # Imported here: the file-only path must not need the model stack.
   from reverse_sd import evaluate  # pylint: disable=g-import-not-at-top
-  from reverse_sd import restore  # pylint: disable=g-import-not-at-top
+  from reverse_sd import saved_run  # pylint: disable=g-import-not-at-top
   from reverse_sd.data import datasets  # pylint: disable=g-import-not-at-top
   data = datasets.load_splits(run.config, list(splits))
-  multiple = restore.data_batch_multiple(run)
+  multiple = saved_run.data_batch_multiple(run)
   batch_size = batch_size or int(run.config.eval.batch_size)
   batch_size = -(-batch_size // multiple) * multiple
   out = {}
@@ -193,13 +193,13 @@ def compute_predictions(run, splits: Sequence[str], *,
 
 
 def latest_checkpoint_step(workdir: str | os.PathLike[str]) -> int | None:
-  """The step `restore.load_run` would restore, or None without checkpoints."""
+  """The step `saved_run.restore_run` would restore (None: no checkpoints)."""
   # Imported here: the file-only path must not need jax, orbax or the model.
   from reverse_sd import checkpointing  # pylint: disable=g-import-not-at-top
-  from reverse_sd import restore  # pylint: disable=g-import-not-at-top
+  from reverse_sd import saved_run  # pylint: disable=g-import-not-at-top
   if not checkpointing.checkpoint_dir(workdir).is_dir():
     return None
-  steps = restore.checkpoint_steps(workdir)
+  steps = saved_run.checkpoint_steps(workdir)
   return steps[-1] if steps else None
 
 
@@ -217,12 +217,12 @@ def load_or_predict_many(workdir: str | os.PathLike[str],
       for a workdir without checkpoints, the newest saved predictions).
     batch_size: prediction batch size; 0 takes the run's eval batch size.
     overwrite: recompute even the splits already saved.
-    load_run: (workdir, step) -> restore.Run; default `restore.load_run`.
+    load_run: (workdir, step) -> saved_run.Run; default `saved_run.restore_run`.
       The run is restored at most once, and only when something is missing.
 
   Raises:
     FileNotFoundError / ValueError: as `load_predictions` and
-      `restore.load_run`.
+      `saved_run.restore_run`.
   """
   splits = list(dict.fromkeys(splits))
   if step is None:
@@ -238,8 +238,8 @@ def load_or_predict_many(workdir: str | os.PathLike[str],
   if missing:
     if load_run is None:
       # Imported here: the file-only path must not need the model stack.
-      from reverse_sd import restore  # pylint: disable=g-import-not-at-top
-      load_run = restore.load_run
+      from reverse_sd import saved_run  # pylint: disable=g-import-not-at-top
+      load_run = saved_run.restore_run
     run = load_run(workdir, step)
     for name, preds in compute_predictions(run, missing,
                                            batch_size=batch_size).items():

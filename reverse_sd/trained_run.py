@@ -30,7 +30,7 @@ from PIL import Image
 
 from reverse_sd import analyze
 from reverse_sd import predict as predict_lib
-from reverse_sd import restore
+from reverse_sd import saved_run
 from reverse_sd import sharding
 from reverse_sd.text import minilm
 from reverse_sd.text import prompt_bank as prompt_bank_lib
@@ -74,7 +74,7 @@ def _as_image(image: ImageLike) -> np.ndarray:
 class TrainedRun:
   """A restored run (see the module docstring). Build it with `load_run`."""
 
-  def __init__(self, run: restore.Run):
+  def __init__(self, run: saved_run.Run):
     self._run = run
     self._bank: prompt_bank_lib.PromptBank | None = None
 
@@ -98,8 +98,8 @@ class TrainedRun:
     return self._run.steps
 
   @property
-  def restored(self) -> restore.Run:
-    """The underlying `restore.Run` (model, params, mesh, predict step)."""
+  def restored(self) -> saved_run.Run:
+    """The underlying `saved_run.Run` (model, params, mesh, predict step)."""
     return self._run
 
   def at_step(self, step: int) -> TrainedRun:
@@ -147,7 +147,7 @@ class TrainedRun:
                        for image in images]) if images else None
     if inputs is None:
       raise ValueError('predict() needs at least one image.')
-    multiple = restore.data_batch_multiple(self._run)
+    multiple = saved_run.data_batch_multiple(self._run)
     batch = -(-len(inputs) // multiple) * multiple
     padded = np.zeros((batch, *inputs.shape[1:]), np.uint8)
     padded[:len(inputs)] = inputs
@@ -190,4 +190,4 @@ def load_run(workdir: str | os.PathLike, step: int | None = None
              ) -> TrainedRun:
   """Restores the run in `workdir` at `step` (default: the latest
   checkpoint); see the module docstring."""
-  return TrainedRun(restore.load_run(workdir, step))
+  return TrainedRun(saved_run.restore_run(workdir, step))

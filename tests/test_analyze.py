@@ -15,7 +15,7 @@ from PIL import Image
 
 from configs import synthetic
 from reverse_sd import analyze
-from reverse_sd import restore
+from reverse_sd import saved_run
 from reverse_sd import train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -211,7 +211,7 @@ def test_checkpoints_of_another_run_are_refused(data_dir, workdir, tmp_path):
   assert 'Per-word precision' not in page and 'predicted words' not in page
   with np.load(summary['predictions']) as saved:
     assert 'word_scores' not in saved and 'vocabulary' not in saved
-  assert restore.load_run(other).vocabulary is None
+  assert saved_run.restore_run(other).vocabulary is None
 
 
 # ----------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from reverse_sd import evaluate
 from reverse_sd import feature_cache
 from reverse_sd import predict
 from reverse_sd import pretrained
-from reverse_sd import restore
+from reverse_sd import saved_run
 from reverse_sd import train
 from reverse_sd.data import datasets
 from reverse_sd.data import pipeline
@@ -258,7 +258,7 @@ def test_short_caption_run_writes_finite_results(caption_run):
 def test_restored_run_evaluates_stored_splits_and_predict_refuses(
     caption_run, tmp_path):
   config, workdir, _ = caption_run
-  run = restore.load_run(workdir)
+  run = saved_run.restore_run(workdir)
   # As analyze.py does: a split loaded without contexts; predict_split
   # computes them (and caches them under $REVERSE_SD_CACHE_DIR).
   split = datasets.load_splits(config, ['test'])['test']

@@ -13,7 +13,7 @@ import pytest
 from configs import synthetic
 from reverse_sd import checkpointing
 from reverse_sd import curriculum
-from reverse_sd import restore
+from reverse_sd import saved_run
 from reverse_sd import sharding
 from reverse_sd import train
 from reverse_sd.data import pipeline
@@ -310,11 +310,11 @@ def test_run_config_of_an_older_run_gets_new_fields_defaults(tmp_path):
   del config['curriculum']
   config['data']['manual_dir'] = '/data/x'  # A data-set-specific field stays.
   (tmp_path / 'config.json').write_text(json.dumps(config))
-  loaded = restore.load_run_config(tmp_path)
+  loaded = saved_run.load_run_config(tmp_path)
   assert loaded.model.frozen_features is False
   assert loaded.curriculum.difficulty == ''
   assert loaded.data.manual_dir == '/data/x'
   assert loaded.model.variant == 'tiny'
   (tmp_path / 'config.json').write_text('{not json')
   with pytest.raises(ValueError, match='config.json is not valid JSON'):
-    restore.load_run_config(tmp_path)
+    saved_run.load_run_config(tmp_path)

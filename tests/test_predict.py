@@ -18,7 +18,7 @@ from PIL import Image
 from configs import synthetic
 from reverse_sd import evaluate
 from reverse_sd import predict
-from reverse_sd import restore
+from reverse_sd import saved_run
 from reverse_sd import train
 from reverse_sd.data import datasets
 from reverse_sd.data import preprocess
@@ -72,7 +72,7 @@ def trained(tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def run(trained):
-  return restore.load_run(trained['workdir'])
+  return saved_run.restore_run(trained['workdir'])
 
 
 def _run_cli(module, args, timeout=600):
@@ -106,14 +106,14 @@ def test_restored_run_matches_the_checkpoint(run):
 def test_workdir_without_checkpoints_is_named(trained, tmp_path):
   shutil.copy(trained['workdir'] / 'config.json', tmp_path / 'config.json')
   with pytest.raises(FileNotFoundError, match='No checkpoints in .*/checkp'):
-    restore.load_run(tmp_path)
+    saved_run.restore_run(tmp_path)
   with pytest.raises(FileNotFoundError, match='config.json does not exist'):
-    restore.load_run(tmp_path / 'nothing')
+    saved_run.restore_run(tmp_path / 'nothing')
 
 
 def test_unknown_step_lists_the_steps(trained):
   with pytest.raises(ValueError, match=r'step 3 .*\[2, 4\]'):
-    restore.load_run(trained['workdir'], step=3)
+    saved_run.restore_run(trained['workdir'], step=3)
 
 
 def test_checkpoint_of_another_model_names_the_keys(trained, tmp_path):
@@ -123,7 +123,7 @@ def test_checkpoint_of_another_model_names_the_keys(trained, tmp_path):
   config['model']['backbone'] = 'vit'  # The checkpoint is a convnet's.
   (workdir / 'config.json').write_text(json.dumps(config))
   with pytest.raises(ValueError, match='does not fit this model') as error:
-    restore.load_run(workdir)
+    saved_run.restore_run(workdir)
   assert 'backbone/' in str(error.value)
 
 
@@ -132,19 +132,19 @@ def test_missing_vocabulary_file_is_named(trained, tmp_path):
   shutil.copytree(trained['workdir'], workdir)
   (workdir / 'vocab.json').unlink()
   with pytest.raises(FileNotFoundError, match='vocab.json'):
-    restore.load_run(workdir)
+    saved_run.restore_run(workdir)
 
 
 def test_prepare_image_follows_the_training_preprocessing():
   data = ml_collections.ConfigDict({'image_size': 32, 'input_size': 0})
   image = np.random.default_rng(0).integers(0, 255, (60, 100, 3), np.uint8)
-  assert restore.prepare_image(image, data).shape == (32, 32, 3)
+  assert saved_run.prepare_image(image, data).shape == (32, 32, 3)
   data = ml_collections.ConfigDict({'image_size': 64, 'input_size': 48,
                                     'resize_mode': 'center_crop'})
   expected = preprocess.clip_preprocess(
       preprocess.resize_and_crop(image, 64, 'center_crop'), 48)
-  np.testing.assert_array_equal(restore.prepare_image(image, data), expected)
-  assert restore.model_input_shape(data) == (48, 48, 3)
+  np.testing.assert_array_equal(saved_run.prepare_image(image, data), expected)
+  assert saved_run.model_input_shape(data) == (48, 48, 3)
 
 
 # ----------------------------------------------------------------------------

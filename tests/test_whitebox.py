@@ -21,7 +21,7 @@ from configs import diffusiondb_unet
 from reverse_sd import checkpointing
 from reverse_sd import feature_cache
 from reverse_sd import pretrained
-from reverse_sd import restore
+from reverse_sd import saved_run
 from reverse_sd import train
 from reverse_sd.convert import sd
 from reverse_sd.data import datasets
@@ -197,7 +197,7 @@ def test_latents_are_cached_once_and_equal_the_vae(trained, data_dir,
 
 def test_restored_run_predicts_from_images(trained, data_dir):
   config, workdir, _ = trained
-  run = restore.load_run(workdir)
+  run = saved_run.restore_run(workdir)
   split = datasets.load_splits(config, ['test'])['test']
   indices = np.arange(8) % len(split)
   from_images = run.predict_step(

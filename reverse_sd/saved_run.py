@@ -1,12 +1,14 @@
-"""A trained run, rebuilt from its workdir: config, model, parameters, mesh.
+"""A run saved in a workdir, rebuilt: config, model, parameters, mesh.
 
-Analysis and prediction start from a workdir that `train.train_and_evaluate`
-wrote (config.json, vocab.json when the vocabulary head is on, Orbax
-checkpoints). `load_run` rebuilds the model from the saved config, checks
+(`checkpointing.py` saves and restores the train state with Orbax;
+`trained_run.py` is the public API over this module.) Analysis and
+prediction start from a workdir that `train.train_and_evaluate` wrote
+(config.json, vocab.json when the vocabulary head is on, Orbax
+checkpoints). `restore_run` rebuilds the model from the saved config, checks
 that the checkpoint fits it (`checkpointing.check_compatible` names the
 differing keys) and restores the parameters in their sharded layout:
 
-  run = restore.load_run(workdir)            # the latest checkpoint
+  run = saved_run.restore_run(workdir)       # the latest checkpoint
   out = run.predict_step(run.params, {'image': images_BxHxWx3})
   run = run.at_step(4)                       # another step, same compiled step
 """
@@ -168,7 +170,7 @@ def _restore_params(workdir, step, abstract_state, state_shardings):
   return state.params
 
 
-def load_run(workdir: str | pathlib.Path, step: int | None = None, *,
+def restore_run(workdir: str | pathlib.Path, step: int | None = None, *,
              mesh: Any = None) -> Run:
   """Rebuilds the run in `workdir` at checkpoint `step` (default: latest).
 
