@@ -24,7 +24,6 @@ from reverse_sd import sharding
 from reverse_sd import state as state_lib
 from reverse_sd import train
 from reverse_sd.models import reverse_model
-from reverse_sd.models import whitebox
 
 BATCH = 8
 # The fused kernels' custom-call targets in the lowered module.

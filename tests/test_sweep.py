@@ -10,7 +10,6 @@ import pathlib
 import shlex
 import subprocess
 import sys
-import textwrap
 
 import pytest
 
