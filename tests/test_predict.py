@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from configs import synthetic
 from reverse_sd import evaluate
 from reverse_sd import predict
 from reverse_sd import saved_run
@@ -24,21 +23,10 @@ from reverse_sd.data import datasets
 from reverse_sd.data import preprocess
 from reverse_sd.text import prompt_bank as prompt_bank_lib
 
+import tiny_run
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 NUM_IMAGES = 6  # Training images written as PNG files for predict.
-
-
-def _config(data_dir):
-  config = synthetic.get_config('tiny')
-  with config.unlocked():
-    config.data.data_dir = str(data_dir)
-    config.train.num_steps = 4
-    config.train.checkpoint_every_steps = 2
-    config.train.eval_every_steps = 100
-    config.vocab.loss_weight = 0.1
-    config.eval.splits = ('test',)
-    config.eval.periodic_splits = ()
-  return config
 
 
 @pytest.fixture(scope='module')
@@ -56,8 +44,9 @@ def trained(tmp_path_factory):
 
   with pytest.MonkeyPatch.context() as patch:
     patch.setattr(evaluate, 'evaluate_model', capturing_evaluate_model)
-    train.train_and_evaluate(_config(data_dir), workdir)
-  split = datasets.load_splits(_config(data_dir), ['train'])['train']
+    train.train_and_evaluate(tiny_run.config(data_dir), workdir)
+  split = datasets.load_splits(tiny_run.config(data_dir),
+                               ['train'])['train']
   live = evaluate.predict_split(captured['predict_step'], captured['params'],
                                 split, mesh=captured['mesh'],
                                 global_batch_size=32)
@@ -344,7 +333,7 @@ def test_user_prompt_bank_in_predictions(run, trained, tmp_path):
 
 
 def _targets(trained):
-  config = _config(trained['data_dir'])
+  config = tiny_run.config(trained['data_dir'])
   return datasets.load_splits(config, ['train'])['train'].table.embeddings
 
 

@@ -9,35 +9,24 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from configs import synthetic
 import reverse_sd
 from reverse_sd import train
 from reverse_sd.data import datasets
 from reverse_sd.data import preprocess
 
+import tiny_run
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 README_SECTION = '## Restore and analyse a run from Python'
-
-
-def _config(data_dir):
-  config = synthetic.get_config('tiny')
-  with config.unlocked():
-    config.data.data_dir = str(data_dir)
-    config.train.num_steps = 4
-    config.train.checkpoint_every_steps = 2
-    config.train.eval_every_steps = 100
-    config.vocab.loss_weight = 0.1
-    config.eval.splits = ('test',)
-    config.eval.periodic_splits = ()
-  return config
 
 
 @pytest.fixture(scope='module')
 def trained(tmp_path_factory):
   data_dir = tmp_path_factory.getbasetemp() / 'trained_run_data'
   workdir = tmp_path_factory.mktemp('run')
-  train.train_and_evaluate(_config(data_dir), workdir)
-  split = datasets.load_splits(_config(data_dir), ['train'])['train']
+  train.train_and_evaluate(tiny_run.config(data_dir), workdir)
+  split = datasets.load_splits(tiny_run.config(data_dir),
+                               ['train'])['train']
   return {'workdir': workdir, 'images': split.load_images(np.arange(3)),
           'prompts': list(split.table.prompts)}
 
