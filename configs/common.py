@@ -31,6 +31,11 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.data.num_validation = 1_000
   config.data.num_test = 2_000
   config.data.num_test_shifted = 2_000
+  # Synthetic corpus: objects per scene, 1 to this (at most 3).
+  config.data.max_objects = 3
+  # name 'generated': the generated data set's name (made by
+  # `python -m reverse_sd.loop`, reverse_sd/data/generated.py).
+  config.data.generated_name = ''
   # Model input size: > 0 resizes the shorter side to it and centre-crops
   # (CLIP's preprocessing) at read time; 0 feeds images as stored.
   config.data.input_size = 0
@@ -86,6 +91,11 @@ def get_base_config() -> ml_collections.ConfigDict:
   # kinds are checked by models/whitebox.py (CONTEXT_KINDS).
   config.model.sd_context = 'empty'
   config.model.sd_context_path = ''
+  # sd_context='caption' with per-example contexts made elsewhere: a folder
+  # with one float16 [N, T, D] <split>.npy per split, in record order (the
+  # miniature loop's captions from a black-box model's top words); empty:
+  # the SD folder's text encoder on each example's prompt.
+  config.model.sd_caption_contexts = ''
   config.model.sd_timestep = 0
   config.model.sd_noise = 0.0
 

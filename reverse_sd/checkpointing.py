@@ -43,7 +43,8 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any,
       data=ocp.args.JsonSave(data_position)), force=force)
 
 
-def _leaf_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+def leaf_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+  """'/'-joined path -> shape of every leaf."""
   leaves = jax.tree_util.tree_leaves_with_path(tree)
   return {sharding_lib.path_str(path): tuple(getattr(leaf, 'shape', ()))
           for path, leaf in leaves}
@@ -60,24 +61,37 @@ def check_compatible(manager: ocp.CheckpointManager, step: int,
     raise ValueError(f'{problem}: {type(e).__name__}: {e}') from e
   if metadata is None:
     raise ValueError(problem + '.')
-  saved = _leaf_shapes(metadata)
-  expected = _leaf_shapes(abstract_state)
+  saved = leaf_shapes(metadata)
+  expected = leaf_shapes(abstract_state)
+  problem = describe_mismatch(
+      saved, expected,
+      f'Checkpoint {manager.directory}/{step} does not fit this model '
+      '(was it written with another config?).')
+  if problem:
+    raise ValueError(problem +
+                     '\n  Use a fresh --workdir, or the config that wrote it.')
+
+
+def describe_mismatch(saved: dict[str, tuple[int, ...]],
+                      expected: dict[str, tuple[int, ...]],
+                      header: str) -> str:
+  """'' when two path -> shape maps agree; else `header` and the missing,
+  extra and differently shaped keys (at most 5 of each)."""
   missing = sorted(set(expected) - set(saved))
   extra = sorted(set(saved) - set(expected))
   mismatched = sorted(k for k in set(saved) & set(expected)
                       if saved[k] != expected[k])
-  if missing or extra or mismatched:
-    lines = [f'Checkpoint {manager.directory}/{step} does not fit this model '
-             '(was it written with another config?).']
-    if missing:
-      lines.append(f'  missing in checkpoint ({len(missing)}): {missing[:5]}')
-    if extra:
-      lines.append(f'  not in model ({len(extra)}): {extra[:5]}')
-    for key in mismatched[:5]:
-      lines.append(f'  shape of {key}: checkpoint {saved[key]}, model '
-                   f'{expected[key]}')
-    lines.append('  Use a fresh --workdir, or the config that wrote it.')
-    raise ValueError('\n'.join(lines))
+  if not (missing or extra or mismatched):
+    return ''
+  lines = [header]
+  if missing:
+    lines.append(f'  missing in checkpoint ({len(missing)}): {missing[:5]}')
+  if extra:
+    lines.append(f'  not in model ({len(extra)}): {extra[:5]}')
+  for key in mismatched[:5]:
+    lines.append(f'  shape of {key}: checkpoint {saved[key]}, model '
+                 f'{expected[key]}')
+  return '\n'.join(lines)
 
 
 def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any,

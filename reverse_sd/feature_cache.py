@@ -188,10 +188,15 @@ def caption_cache_root() -> pathlib.Path:
 
 
 def _read_contexts(path: pathlib.Path, split: pipeline.SplitData,
-                   width: int) -> np.ndarray:
+                   width: int | None) -> np.ndarray:
+  """The [N, T, width] float16 contexts at `path` (any width if None)."""
+  if not path.exists():
+    raise FileNotFoundError(f'{path}: no caption contexts for split '
+                            f'{split.name!r}.')
   contexts = _load_cached(path, 'caption context cache')
   if (contexts.dtype != CAPTION_DTYPE or contexts.ndim != 3 or
-      len(contexts) != len(split) or contexts.shape[2] != width):
+      len(contexts) != len(split) or
+      (width is not None and contexts.shape[2] != width)):
     raise ValueError(
         f'The caption context cache {path} holds {contexts.dtype} '
         f'{contexts.shape}; split {split.name!r} needs float16 '
@@ -276,6 +281,13 @@ def attach_caption_contexts(config, splits: dict[str, pipeline.SplitData]
   if (model_config.backbone != reverse_model.WHITEBOX or
       model_config.get('sd_context', 'empty') != whitebox.CAPTION):
     return splits
+  given = model_config.get('sd_caption_contexts', '')
+  if given:
+    # Contexts made elsewhere (e.g. the miniature loop's captions from a
+    # black-box model's predicted words): one float16 [N, T, D] per split.
+    return {name: dataclasses.replace(split, context=_read_contexts(
+        pathlib.Path(given) / f'{name}.npy', split, None))
+            for name, split in splits.items()}
   encoder_dir = pretrained.check_caption_encoder(model_config)
   cache_root = (datasets.resolve_data_dir(config.data) / CACHE_DIR_NAME /
                 CAPTION_CACHE_DIR_NAME)

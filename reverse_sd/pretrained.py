@@ -215,7 +215,8 @@ def load_context(model_config,
   kind = model_config.get('sd_context', 'empty')
   dim = unet_config.cross_attention_dim
   if kind == whitebox.CAPTION:
-    check_caption_encoder(model_config, dim)
+    if not model_config.get('sd_caption_contexts', ''):
+      check_caption_encoder(model_config, dim)
     return None
   if kind == 'empty':
     if not model_config.init_from:

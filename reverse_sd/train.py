@@ -336,7 +336,8 @@ def _attach_vocabulary(config, workdir: pathlib.Path,
 def _word_group_columns(config, vocabulary) -> dict[str, list[int]] | None:
   """Vocabulary columns of each word group the data set defines (synthetic:
   shape, colour, ...), for the per-group recall."""
-  if vocabulary is None or config.data.name != 'synthetic':
+  # The generated data set draws the synthetic corpus's prompts.
+  if vocabulary is None or config.data.name not in ('synthetic', 'generated'):
     return None
   return {group: [vocabulary.index[w] for w in words if w in vocabulary.index]
           for group, words in synthetic_grammar.word_groups().items()}

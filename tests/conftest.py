@@ -60,6 +60,7 @@ SLOW_FILES = (
     'tests/test_preemption.py',      # Kills and resumes multi-process runs.
     'tests/test_real_data_run.py',   # Short runs on cached CLIP features.
     'tests/test_no_compiler.py',     # A tiny job in a compiler-less PATH.
+    'tests/test_loop.py',            # The whole miniature loop, tiny.
 )
 
 # Module-scoped fixtures that train a tiny run (their time shows as the first
@@ -73,6 +74,7 @@ SLOW_FIXTURES = {
     'tests/test_whitebox.py': ('trained', 'tiny_model'),
     'tests/test_ops_attention.py': ('tpu_kernel_errors',),  # TPU interpreter.
     'tests/test_trained_run.py': ('trained',),
+    'tests/test_loop_referee.py': ('trained',),
 }
 
 # Single tests: a function (every parametrization) or one parametrization.
@@ -124,6 +126,8 @@ SLOW_TESTS = (
     'tests/test_caption_context.py::test_model_reads_the_context_of_each_example',
     'tests/test_minilm.py::test_small_batches_keep_the_input_order',
     'tests/test_minilm.py::test_batching_and_bucketing_do_not_change_results',
+    # The referee's resumed training against an uninterrupted one.
+    'tests/test_loop_referee.py::test_killed_training_resumes_the_same_stream',
     # The AVX2 build of the CPU kernels, next to this CPU's.
     'tests/test_cpu_kernels.py::test_the_other_vector_width_gives_the_same_results',
 )

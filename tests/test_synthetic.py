@@ -226,7 +226,7 @@ def test_second_call_reuses_the_build(built, monkeypatch):
     raise AssertionError(f'build() regenerated {built.data_path}: '
                          f'{args} {kwargs}')
 
-  monkeypatch.setattr(synthetic, '_prepare', must_not_regenerate)
+  monkeypatch.setattr(synthetic, 'prepare', must_not_regenerate)
   monkeypatch.setattr(synthetic, 'generate_example', must_not_regenerate)
   again = _build(built.data_dir_root)
   assert os.fspath(again.data_path) == os.fspath(built.data_path)

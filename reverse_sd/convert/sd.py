@@ -24,6 +24,12 @@ becoming the same Dense kernel [I, O]. Every other key is reported as unused;
 nothing is dropped silently. Weights may be float16 or bfloat16 (read as
 float32 params).
 
+The up path and the VAE decoder have tables too (`unet_decoder_rules`,
+`vae_decoder_rules`, for `diffusion_unet.DiffusionUNet` and
+`autoencoder.AutoencoderKL`); `reverse_sd.convert.sd_export` runs all four
+tables backwards to save the miniature loop's generator as a diffusers
+folder that the loaders here read.
+
 Checkpoints are read as safetensors only; pickled `.bin` / `.ckpt` files are
 refused.
 """
@@ -355,6 +361,90 @@ def vae_encoder_rules(config: sd_vae.VAEConfig, *,
             _conv('encoder.conv_out', 'conv_out'))
   if config.use_quant_conv:
     rules += _conv('quant_conv', 'quant_conv')
+  return rules
+
+
+def unet_decoder_rules(config: sd_unet.UNetConfig) -> list[core.Rule]:
+  """The table from a UNet2DConditionModel's up path and output head to the
+  params of `diffusion_unet.DiffusionUNet` outside its `encoder`.
+
+  diffusers numbers up blocks from the bottom (`up_blocks.0` mirrors the last
+  down block); up block k has `layers_per_block + 1` resnets, each on its
+  input concatenated with a skip (so every one has a `conv_shortcut`), a
+  Transformer2DModel after each resnet in a `CrossAttnUpBlock2D`, and an
+  upsampler except in the last block. Channel counts follow diffusers'
+  `UNet2DConditionModel.__init__`.
+  """
+  channels = tuple(reversed(config.block_out_channels))
+  blocks = len(channels)
+  rules = []
+  prev_channels = channels[0]
+  for k, out_channels in enumerate(channels):
+    i = blocks - 1 - k  # The mirrored down block.
+    block_in_channels = channels[min(k + 1, blocks - 1)]
+    num_layers = config.layers_per_block[i] + 1
+    for j in range(num_layers):
+      skip_channels = block_in_channels if j == num_layers - 1 else (
+          out_channels)
+      resnet_in_channels = prev_channels if j == 0 else out_channels
+      rules += _resnet(
+          f'up_blocks.{k}.resnets.{j}', f'up_blocks_{k}/resnets_{j}',
+          time_embedding=True,
+          shortcut=resnet_in_channels + skip_channels != out_channels)
+      if config.down_block_types[i] == sd_unet.CROSS_ATTN_DOWN_BLOCK:
+        rules += _transformer(
+            f'up_blocks.{k}.attentions.{j}', f'up_blocks_{k}/attentions_{j}',
+            num_layers=config.transformer_layers_per_block[i],
+            linear_projection=config.use_linear_projection)
+    if k != blocks - 1:
+      rules += _conv(f'up_blocks.{k}.upsamplers.0.conv',
+                     f'up_blocks_{k}/upsamplers_0/conv')
+    prev_channels = out_channels
+  rules += _norm('conv_norm_out', 'conv_norm_out') + _conv('conv_out',
+                                                           'conv_out')
+  return rules
+
+
+def vae_decoder_rules(config: sd_vae.VAEConfig, *,
+                      deprecated_attention_names: bool = False
+                      ) -> list[core.Rule]:
+  """The table from an AutoencoderKL's `decoder.*` and `post_quant_conv.*`
+  keys to `autoencoder.VAEDecoder` params (the `decoder` subtree of an
+  `AutoencoderKL`, which holds `post_quant_conv`).
+
+  Args:
+    config: the VAE's shape (the decoder mirrors the encoder).
+    deprecated_attention_names: as for `vae_encoder_rules`.
+  """
+  channels = tuple(reversed(config.block_out_channels))
+  rules = []
+  if config.use_quant_conv:
+    rules += _conv('post_quant_conv', 'post_quant_conv')
+  rules += _conv('decoder.conv_in', 'conv_in')
+  for j in range(2):
+    rules += _resnet(f'decoder.mid_block.resnets.{j}',
+                     f'mid_block/resnets_{j}', time_embedding=False,
+                     shortcut=False)
+  if config.mid_block_add_attention:
+    source, target = 'decoder.mid_block.attentions.0', 'mid_block/attentions_0'
+    names = (_VAE_DEPRECATED_ATTENTION_NAMES if deprecated_attention_names
+             else _VAE_ATTENTION_NAMES)
+    rules += _norm(f'{source}.group_norm', f'{target}/group_norm')
+    for name, source_name in names.items():
+      rules += _dense(f'{source}.{source_name}', f'{target}/{name}')
+  prev_channels = channels[0]
+  for i, out_channels in enumerate(channels):
+    for j in range(config.layers_per_block + 1):
+      in_channels = prev_channels if j == 0 else out_channels
+      rules += _resnet(f'decoder.up_blocks.{i}.resnets.{j}',
+                       f'up_blocks_{i}/resnets_{j}', time_embedding=False,
+                       shortcut=in_channels != out_channels)
+    if i != len(channels) - 1:
+      rules += _conv(f'decoder.up_blocks.{i}.upsamplers.0.conv',
+                     f'up_blocks_{i}/upsamplers_0/conv')
+    prev_channels = out_channels
+  rules += (_norm('decoder.conv_norm_out', 'conv_norm_out') +
+            _conv('decoder.conv_out', 'conv_out'))
   return rules
 
 

@@ -64,7 +64,21 @@ def open_builder(data_config: ml_collections.ConfigDict):
         num_train=data_config.num_train,
         num_validation=data_config.num_validation,
         num_test=data_config.num_test,
-        num_test_shifted=data_config.num_test_shifted)
+        num_test_shifted=data_config.num_test_shifted,
+        max_objects=data_config.get('max_objects',
+                                    synthetic.grammar.MAX_OBJECTS))
+  if data_config.name == 'generated':
+    name = data_config.get('generated_name', '')
+    if not name:
+      raise ValueError(
+          "config.data.generated_name is empty: data set 'generated' (the "
+          "generator's images for the synthetic prompts) is made by "
+          '`python -m reverse_sd.loop`; set generated_name to the config name '
+          'it prints.')
+    # Imported here: TFDS builders register on import, and only this path
+    # needs this one.
+    from reverse_sd.data import generated  # pylint: disable=g-import-not-at-top
+    return generated.open_prepared(data_dir, name)
   if data_config.name in _BUILD_OPTIONS:
     # Imported here: the builders pull in tensorflow_datasets (tensorflow).
     from reverse_sd.data import build  # pylint: disable=g-import-not-at-top
@@ -81,7 +95,7 @@ def open_builder(data_config: ml_collections.ConfigDict):
           'README.md: Real data).')
     return build_fn(data_dir, data_config.manual_dir, **options)
   raise ValueError(f'config.data.name={data_config.name!r}; expected one of '
-                   f"{['synthetic', *_BUILD_OPTIONS]}.")
+                   f"{['synthetic', 'generated', *_BUILD_OPTIONS]}.")
 
 
 def _make_encoder(text_config: ml_collections.ConfigDict):

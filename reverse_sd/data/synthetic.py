@@ -57,17 +57,22 @@ class SyntheticConfig(tfds.core.BuilderConfig):
   num_validation: int = 1_000
   num_test: int = 2_000
   num_test_shifted: int = 2_000
+  max_objects: int = grammar.MAX_OBJECTS
 
   def num_examples(self, split: str) -> int:
     return getattr(self, f'num_{split}')
 
 
 def config_name(*, seed: int, image_size: int, num_train: int,
-                num_validation: int, num_test: int,
-                num_test_shifted: int) -> str:
-  """E.g. 'seed0_64px_20000-1000-2000-2000'; one cache folder per setting."""
-  return (f'seed{seed}_{image_size}px_'
+                num_validation: int, num_test: int, num_test_shifted: int,
+                max_objects: int = grammar.MAX_OBJECTS) -> str:
+  """E.g. 'seed0_64px_20000-1000-2000-2000' (with '_1obj' appended when
+  scenes have at most one object); one cache folder per setting."""
+  name = (f'seed{seed}_{image_size}px_'
           f'{num_train}-{num_validation}-{num_test}-{num_test_shifted}')
+  if max_objects != grammar.MAX_OBJECTS:
+    name += f'_{max_objects}obj'
+  return name
 
 
 def _new_config(**settings: int) -> SyntheticConfig:
@@ -81,24 +86,28 @@ DEFAULT_CONFIG = _new_config(seed=0, image_size=64, num_train=20_000,
 
 def make_config(*, seed: int = 0, image_size: int = 64,
                 num_train: int = 20_000, num_validation: int = 1_000,
-                num_test: int = 2_000,
-                num_test_shifted: int = 2_000) -> SyntheticConfig:
+                num_test: int = 2_000, num_test_shifted: int = 2_000,
+                max_objects: int = grammar.MAX_OBJECTS) -> SyntheticConfig:
   """Validates the settings and returns the config named after them."""
   settings = dict(seed=seed, image_size=image_size, num_train=num_train,
                   num_validation=num_validation, num_test=num_test,
-                  num_test_shifted=num_test_shifted)
+                  num_test_shifted=num_test_shifted, max_objects=max_objects)
   for key, value in settings.items():
     minimum = {'seed': 0, 'image_size': 16}.get(key, 1)
     if not isinstance(value, (int, np.integer)) or value < minimum:
       raise ValueError(f'{key} must be an integer >= {minimum}, got {value!r}')
     settings[key] = int(value)
+  if settings['max_objects'] > grammar.MAX_OBJECTS:
+    raise ValueError(f'max_objects must be at most {grammar.MAX_OBJECTS}, '
+                     f'got {max_objects!r}')
   if config_name(**settings) == DEFAULT_CONFIG.name:
     return DEFAULT_CONFIG  # TFDS refuses a second config of a known name.
   return _new_config(**settings)
 
 
 def generate_example(seed: int, split: str, index: int,
-                     image_size: int = 64) -> dict[str, Any]:
+                     image_size: int = 64,
+                     max_objects: int = grammar.MAX_OBJECTS) -> dict[str, Any]:
   """Example `index` of `split`: a pure function of the arguments.
 
   Returns the builder's features, with `image` a uint8
@@ -108,7 +117,7 @@ def generate_example(seed: int, split: str, index: int,
   if split not in SPLITS:
     raise ValueError(f'split must be one of {SPLITS}, got {split!r}')
   rng = np.random.default_rng([seed, SPLITS.index(split), index])
-  scene = grammar.sample_scene(rng, SPLIT_DOMAIN[split])
+  scene = grammar.sample_scene(rng, SPLIT_DOMAIN[split], max_objects)
   return {
       'id': f'{split}/{index:08d}',
       'image': synthetic_render.render(scene, image_size),
@@ -173,7 +182,8 @@ class SyntheticPrompts(tfds.core.GeneratorBasedBuilder,
     total = config.num_examples(split)
     start = time.perf_counter()
     for index in range(total):
-      example = generate_example(config.seed, split, index, config.image_size)
+      example = generate_example(config.seed, split, index, config.image_size,
+                                 config.max_objects)
       # PNG-encoding here (fast settings) is cheaper than TFDS's TF encoder.
       example['image'] = synthetic_render.encode_png(example['image'])
       yield index, example
@@ -275,6 +285,7 @@ def build(data_dir: os.PathLike[str] | str, *, seed: int = 0,
           image_size: int = 64, num_train: int = 20_000,
           num_validation: int = 1_000, num_test: int = 2_000,
           num_test_shifted: int = 2_000,
+          max_objects: int = grammar.MAX_OBJECTS,
           progress: bool = True) -> SyntheticPrompts:
   """Builds the corpus under `data_dir` unless it is there; returns the builder.
 
@@ -287,18 +298,24 @@ def build(data_dir: os.PathLike[str] | str, *, seed: int = 0,
   data_dir = os.path.expanduser(os.fspath(data_dir))
   config = make_config(seed=seed, image_size=image_size, num_train=num_train,
                        num_validation=num_validation, num_test=num_test,
-                       num_test_shifted=num_test_shifted)
+                       num_test_shifted=num_test_shifted,
+                       max_objects=max_objects)
   builder = _open_builder(data_dir, config)
   if not os.path.exists(builder.data_path):
-    _prepare(builder, progress)
+    prepare(builder, progress)
   check_build(builder)
   return builder
 
 
-def _prepare(builder: SyntheticPrompts, progress: bool) -> None:
+def prepare(builder: tfds.core.GeneratorBasedBuilder, progress: bool,
+            what: str = 'synthetic corpus') -> None:
+  """Writes a builder's files (nothing is downloaded); logs the time.
+
+  Shared with the generated data set (`reverse_sd.data.generated`).
+  """
   start = time.perf_counter()
   if progress:
-    logging.info('Building synthetic corpus in %s', builder.data_path)
+    logging.info('Building %s in %s', what, builder.data_path)
   builder.log_progress = progress
   bars_were_on = getattr(tqdm_utils, '_active', True)
   tfds.display_progress_bar(progress)

@@ -176,15 +176,23 @@ def _background_phrase(colour: str, texture: str,
   return f"{'on' if rng.random() < 0.8 else 'with'} a {described} background"
 
 
-def sample_scene(rng: np.random.Generator, domain: str = 'standard') -> Scene:
-  """Samples one scene and its prompt; a pure function of `rng`'s state."""
+def sample_scene(rng: np.random.Generator, domain: str = 'standard',
+                 max_objects: int = MAX_OBJECTS) -> Scene:
+  """Samples one scene and its prompt; a pure function of `rng`'s state.
+
+  A scene has 1 to `max_objects` (at most MAX_OBJECTS) objects; the
+  miniature loop's generator trains on one-object scenes.
+  """
   if domain not in DOMAINS:
     raise ValueError(f'domain must be one of {DOMAINS}, got {domain!r}')
+  if not 1 <= max_objects <= MAX_OBJECTS:
+    raise ValueError(f'max_objects must be in [1, {MAX_OBJECTS}], got '
+                     f'{max_objects!r}')
   background_colour = _choice(rng, COLOURS)
   texture = _choice(rng, TEXTURES)
   style = _weighted_choice(rng, STYLES, STYLE_PROBABILITIES[domain])
 
-  num_objects = int(rng.integers(1, MAX_OBJECTS + 1))
+  num_objects = int(rng.integers(1, max_objects + 1))
   # Distinct positions, named in reading order; an object never has the
   # background's colour, so every object is visible.
   positions = sorted(_distinct(rng, len(POSITIONS), num_objects))

@@ -5,9 +5,11 @@ A port of the conditioning path of diffusers' `UNet2DConditionModel`
 embedding -> `time_embedding` MLP; `conv_in`; the down blocks
 (`CrossAttnDownBlock2D`: ResnetBlock2D + Transformer2DModel pairs, then a
 stride-2 conv; `DownBlock2D`: resnets only); `UNetMidBlock2DCrossAttn`
-(resnet, transformer, resnet). The up blocks and the output head are not
-built: reverse SD uses the mid block (and the down blocks' outputs) as image
-features.
+(resnet, transformer, resnet). Reverse SD uses the mid block (and the down
+blocks' outputs) as image features; `models/diffusion_unet.py` completes this
+encoder with the up path into the full denoiser (the miniature loop's
+generator), so the white-box encoder and the generator's down path are one
+module.
 
 Layout is NHWC; the text context is [B, T, cross_attention_dim]. Modules and
 params are named after diffusers' (`down_blocks_0/attentions_1/
@@ -289,7 +291,12 @@ class Transformer2D(nn.Module):
 class DownBlock(nn.Module):
   """diffusers `CrossAttnDownBlock2D` (`with_attention`) or `DownBlock2D`:
   resnets (each followed by a Transformer2D when `with_attention`), then a
-  stride-2 conv unless it is the last block."""
+  stride-2 conv unless it is the last block.
+
+  Returns (output, skips): skips are the output of every resnet (+
+  transformer) and of the downsampler, in order: diffusers' `res_samples`,
+  which the full U-Net's up path (`models/diffusion_unet.py`) concatenates.
+  """
   config: UNetConfig
   index: int
   dtype: jnp.dtype = jnp.float32
@@ -301,6 +308,7 @@ class DownBlock(nn.Module):
     channels = cfg.block_out_channels[i]
     with_attention = cfg.down_block_types[i] == CROSS_ATTN_DOWN_BLOCK
     x = x_BxHxWxC
+    skips = []
     for j in range(cfg.layers_per_block[i]):
       x = sd_vae.ResnetBlock2D(channels, cfg.norm_num_groups, cfg.norm_eps,
                                dtype=self.dtype, name=f'resnets_{j}')(
@@ -311,10 +319,12 @@ class DownBlock(nn.Module):
                           cfg.norm_num_groups, cfg.upcast_attention,
                           self.dtype, self.attention, name=f'attentions_{j}')(
                               x, context_BxSxE)
+      skips.append(x)
     if i != len(cfg.block_out_channels) - 1:
       x = sd_vae.Downsample2D(channels, cfg.downsample_padding, self.dtype,
                               name='downsamplers_0')(x)
-    return x
+      skips.append(x)
+    return x, tuple(skips)
 
 
 class MidBlock(nn.Module):
@@ -363,9 +373,16 @@ class UNetEncoder(nn.Module):
   def __call__(self, latents_BxHxWxC, timesteps, context_BxSxE):
     return self.stages(latents_BxHxWxC, timesteps, context_BxSxE)['mid_block']
 
-  @nn.compact
   def stages(self, latents_BxHxWxC, timesteps, context_BxSxE):
     """Every stage's output: {'down_blocks_{i}': ..., 'mid_block': ...}."""
+    outputs, _, _ = self.down_path(latents_BxHxWxC, timesteps, context_BxSxE)
+    return outputs
+
+  @nn.compact
+  def down_path(self, latents_BxHxWxC, timesteps, context_BxSxE):
+    """(stages, skips, temb): `stages`' dict, the skip connections the up
+    path reads (conv_in's output, then every down block's skips, in order:
+    diffusers' `down_block_res_samples`) and the time embedding [B, T]."""
     cfg = self.config
     batch = latents_BxHxWxC.shape[0]
     timesteps_B = jnp.broadcast_to(jnp.asarray(timesteps), (batch,))
@@ -379,12 +396,13 @@ class UNetEncoder(nn.Module):
                   name='conv_in')(latents_BxHxWxC)
     context = context_BxSxE.astype(self.dtype)
     outputs = {}
+    skips = [x]
     for i in range(len(cfg.block_out_channels)):
-      x = DownBlock(cfg, i, self.dtype, self.attention,
-                    name=f'down_blocks_{i}')(
-          x, temb, context)
+      x, block_skips = DownBlock(cfg, i, self.dtype, self.attention,
+                                 name=f'down_blocks_{i}')(x, temb, context)
       outputs[f'down_blocks_{i}'] = x
+      skips.extend(block_skips)
     outputs['mid_block'] = MidBlock(cfg, self.dtype, self.attention,
                                     name='mid_block')(
         x, temb, context)
-    return outputs
+    return outputs, tuple(skips), temb

@@ -11,7 +11,7 @@ Layout is NHWC throughout. Modules and params are named after diffusers'
 mapping table in `reverse_sd.convert.sd` reads one to one; the VAE's
 `encoder.` level is dropped (`encoder.conv_in` -> `conv_in`).
 
-`ResnetBlock2D`, `Downsample2D`, `group_norm`, `conv3x3` and
+`ResnetBlock2D`, `Downsample2D`, `Upsample2D`, `group_norm`, `conv3x3` and
 `dot_product_attention` are shared with the U-Net
 (`reverse_sd.models.sd_unet`), which uses them with a time embedding and
 the U-Net's downsample padding.
@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from reverse_sd.ops import attention as attention_ops
@@ -168,6 +169,20 @@ class Downsample2D(nn.Module):
       pad = ((self.padding, self.padding),) * 2
     return conv3x3(self.channels, self.dtype, 'conv', strides=2,
                    padding=pad)(x_BxHxWxC)
+
+
+class Upsample2D(nn.Module):
+  """diffusers `Upsample2D(use_conv=True)`: nearest 2x, then a 3x3 conv
+  (the U-Net's up blocks and the VAE decoder's)."""
+  channels: int
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BxHxWxC):
+    batch, height, width, channels = x_BxHxWxC.shape
+    x = jax.image.resize(x_BxHxWxC, (batch, 2 * height, 2 * width, channels),
+                         'nearest')
+    return conv3x3(self.channels, self.dtype, 'conv')(x)
 
 
 def dot_product_attention(q_BxTxD, k_BxSxD, v_BxSxD, heads: int,

@@ -1,0 +1,126 @@
+"""The whole loop in miniature (`python -m reverse_sd.loop --workdir=DIR`).
+
+Usage:
+  python -m reverse_sd.loop --workdir=DIR [--config=configs/loop.py[:tiny]]
+      [--config.generator.steps=4000 ...]
+
+`arg`: '' (default: the loop sized to about two hours on a 2-core CPU) or
+'tiny' (seconds; tests). Durations are steps of each stage's own trainer.
+"""
+
+import ml_collections
+
+
+def get_config(arg: str = '') -> ml_collections.ConfigDict:
+  """The loop config for `arg` in ('', 'default', 'tiny')."""
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+
+  # The rendered corpus the autoencoder, the generator and the referee train
+  # on (the synthetic grammar, one object per scene).
+  config.corpus = ml_collections.ConfigDict(dict(
+      seed=0, image_size=64, max_objects=1, num_train=10_000,
+      num_validation=200, num_test=1_000, num_test_shifted=200))
+  # MiniLM token states as the generator's context.
+  config.text = ml_collections.ConfigDict(dict(
+      model_dir='', context_length=40))
+
+  # KL autoencoder: 64 px <-> 16 x 16 x 4.
+  config.autoencoder = ml_collections.ConfigDict(dict(
+      block_out_channels=(16, 32, 64), layers_per_block=1, norm_num_groups=8,
+      latent_channels=4, mid_block_attention=False, kl_weight=1e-6,
+      steps=800, batch_size=16, lr=1e-3, ema_decay=0.99,
+      checkpoint_every=500, log_every=100))
+
+  # Denoiser: the SD U-Net family at a small width.
+  config.generator = ml_collections.ConfigDict(dict(
+      block_out_channels=(32, 64, 128),
+      down_block_types=('DownBlock2D', 'DownBlock2D',
+                        'CrossAttnDownBlock2D'),
+      layers_per_block=1, num_attention_heads=(2, 4, 4), norm_num_groups=8,
+      schedule='scaled_linear', num_train_timesteps=1000, beta_start=0.00085,
+      beta_end=0.012, context_dropout=0.1,
+      steps=2_400, batch_size=64, lr=1e-3, ema_decay=0.995,
+      checkpoint_every=200, log_every=50))
+  config.sampler = ml_collections.ConfigDict(dict(
+      num_steps=20, guidance_scale=3.0))
+
+  # The referee: an attribute classifier on rendered images.
+  config.referee = ml_collections.ConfigDict(dict(
+      steps=800, batch_size=64, lr=2e-3, base_width=16))
+
+  # The generated data set: the generator's images for the prompts of a
+  # second synthetic build (other seed: prompts the generator never saw).
+  config.generated = ml_collections.ConfigDict(dict(
+      seed=1, num_train=3_000, num_validation=300, num_test=600,
+      num_test_shifted=600, shard_size=256, max_objects=1))
+
+  # Stages 5 and 6: reverse models on the generated data set, each the main
+  # job (configs/synthetic.py, size `base_size`) with the loop's schedule and
+  # a row's overrides ((config key, value) pairs; 'scorer_row' and
+  # 'caption_row' name the row, of the same seed, that scores the curriculum
+  # or captions the white-box's inputs), over `seeds`. The rows
+  # train the paper's joint loss (vocabulary head at `vocab_loss_weight`)
+  # unless they say otherwise; 'plain' is the ingredients' baseline.
+  config.reverse = ml_collections.ConfigDict(dict(
+      base_size='', num_epochs=8.0, batch_size=64,
+      checkpoint_every_steps=100, vocab_loss_weight=0.1, seeds=(0, 1, 2),
+      rows=(
+          ('blackbox', ()),
+          ('vit', (('model.backbone', 'vit'), ('model.variant', 'small'))),
+          ('whitebox_empty', (('model.backbone', 'sd_unet'),)),
+          ('whitebox_caption', (('model.backbone', 'sd_unet'),
+                                ('model.sd_context', 'caption'),
+                                ('caption_row', 'blackbox'))),
+          ('plain', (('vocab.loss_weight', 0.0),)),
+          ('curriculum_model', (('vocab.loss_weight', 0.0),
+                                ('curriculum.difficulty', 'model'),
+                                ('scorer_row', 'plain'))),
+          ('curriculum_referee', (('vocab.loss_weight', 0.0),
+                                  ('curriculum.difficulty', 'alignment'))),
+      ),
+      whitebox_rows=('blackbox', 'vit', 'whitebox_empty',
+                     'whitebox_caption'),
+      ingredient_rows=('plain', 'blackbox', 'curriculum_model',
+                       'curriculum_referee'),
+      dakl_centroids=500))
+
+  # Stage 7: the reverse-trained encoder back in the generator.
+  config.reuse = ml_collections.ConfigDict(dict(
+      num_prompts=100, seeds=(0, 1, 2), steps=300, lr=3e-4, ema_decay=0.99,
+      checkpoint_every=100, log_every=50, judge_epochs=3.0))
+
+  size = arg or 'default'
+  if size == 'default':
+    pass
+  elif size == 'tiny':
+    config.corpus.update(image_size=16, num_train=64, num_validation=16,
+                         num_test=16, num_test_shifted=16)
+    config.text.context_length = 16
+    config.autoencoder.update(block_out_channels=(8, 8), steps=4,
+                              batch_size=8, checkpoint_every=2, log_every=2)
+    config.generator.update(block_out_channels=(8, 16),
+                            down_block_types=('DownBlock2D',
+                                              'CrossAttnDownBlock2D'),
+                            num_attention_heads=(1, 2), norm_num_groups=4,
+                            steps=4, batch_size=8, checkpoint_every=2,
+                            log_every=2)
+    config.autoencoder.norm_num_groups = 4
+    config.sampler.num_steps = 2
+    config.referee.update(steps=4, batch_size=8)
+    config.generated.update(num_train=16, num_validation=8, num_test=8,
+                            num_test_shifted=8, shard_size=8)
+    config.reuse.update(num_prompts=4, seeds=(0, 1), steps=2,
+                        checkpoint_every=2, log_every=1, judge_epochs=1.0)
+    config.reverse.update(base_size='tiny', num_epochs=1.0, batch_size=8,
+                          checkpoint_every_steps=1, seeds=(0,),
+                          dakl_centroids=4)
+    config.reverse.rows = tuple(
+        (row, (('model.backbone', 'vit'), ('model.variant', 'tiny')))
+        if row == 'vit' else (row, pairs)
+        for row, pairs in config.reverse.rows)
+  else:
+    raise ValueError(f"configs/loop.py: unknown size {arg!r}; expected '', "
+                     "'default' or 'tiny'.")
+  config.lock()
+  return config

@@ -1,0 +1,170 @@
+"""DDPM training objective and the DDIM sampler with classifier-free guidance.
+
+The generator of the miniature loop is an epsilon-predicting diffusion model
+(`models/diffusion_unet.DiffusionUNet`) over images in [-1, 1]. This module
+holds what is not the network:
+
+  schedule            alpha_bar_t of the forward process, t = 0 .. T-1
+                      ('linear': DDPM's betas 1e-4 .. 0.02, the pixel-space
+                      choice; 'scaled_linear': Stable Diffusion's 0.00085 ..
+                      0.012, for latents).
+  add_noise           x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps.
+  drop_context        conditioning dropout: a random share of the contexts
+                      becomes the empty prompt's, so one network learns the
+                      conditional and the unconditional model.
+  ddim_timesteps      the sampler's timesteps ("trailing" spacing: the first
+                      step starts from t = T-1, whatever the step count).
+  guided_epsilon      eps_u + scale (eps_c - eps_u), one batched forward pass.
+  ddim_step           one deterministic DDIM update (eta = 0).
+  sample              the whole DDIM loop from Gaussian noise.
+
+A DDIM step from t to t' (alpha_bar of t' = 1 past the last step, diffusers'
+`set_alpha_to_one`):
+  x0_hat = (x_t - sqrt(1 - ab_t) eps) / sqrt(ab_t),  clipped to [-1, 1]
+  x_t'   = sqrt(ab_t') x0_hat + sqrt(1 - ab_t') eps_hat,
+where eps_hat = (x_t - sqrt(ab_t) x0_hat) / sqrt(1 - ab_t) is the noise
+implied by the clipped x0_hat (diffusers' `clip_sample` re-derives it the
+same way since 0.15; without clipping eps_hat = eps).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+SCHEDULES = ('linear', 'scaled_linear')
+MAX_GUIDANCE_SCALE = 50.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+  """The forward process: `num_train_timesteps` steps of a beta schedule."""
+  kind: str = 'linear'
+  num_train_timesteps: int = 1000
+  beta_start: float = 1e-4
+  beta_end: float = 0.02
+
+  def __post_init__(self):
+    if self.kind not in SCHEDULES:
+      raise ValueError(f'schedule kind {self.kind!r}; expected one of '
+                       f'{SCHEDULES}')
+    if self.num_train_timesteps < 2:
+      raise ValueError('num_train_timesteps must be at least 2, got '
+                       f'{self.num_train_timesteps}')
+    if not 0 < self.beta_start < self.beta_end < 1:
+      raise ValueError(f'betas must satisfy 0 < beta_start ({self.beta_start})'
+                       f' < beta_end ({self.beta_end}) < 1')
+
+  def alphas_cumprod(self) -> np.ndarray:
+    """alpha_bar_t, t = 0 .. num_train_timesteps - 1, float64."""
+    n = self.num_train_timesteps
+    if self.kind == 'linear':
+      betas = np.linspace(self.beta_start, self.beta_end, n, dtype=np.float64)
+    else:  # 'scaled_linear': linear in sqrt(beta), SD's.
+      betas = np.linspace(self.beta_start**0.5, self.beta_end**0.5, n,
+                          dtype=np.float64)**2
+    return np.cumprod(1.0 - betas)
+
+
+def add_noise(x0_BxHxWxC, noise_BxHxWxC, timesteps_B, alphas_cumprod):
+  """The forward process q(x_t | x_0) at integer `timesteps_B`."""
+  ab = jnp.asarray(alphas_cumprod, jnp.float32)[timesteps_B]
+  ab = ab.reshape(-1, *([1] * (x0_BxHxWxC.ndim - 1)))
+  return jnp.sqrt(ab) * x0_BxHxWxC + jnp.sqrt(1.0 - ab) * noise_BxHxWxC
+
+
+def drop_context(rng, context_BxTxD, null_context_TxD, drop_rate: float):
+  """Replaces each row's context by `null_context_TxD` with `drop_rate`."""
+  drop_B = jax.random.uniform(rng, (context_BxTxD.shape[0],)) < drop_rate
+  null = jnp.broadcast_to(null_context_TxD.astype(context_BxTxD.dtype),
+                          context_BxTxD.shape)
+  return jnp.where(drop_B[:, None, None], null, context_BxTxD)
+
+
+def check_sampler(num_steps: int, guidance_scale: float,
+                  num_train_timesteps: int) -> None:
+  """Raises ValueError for a step count or guidance scale out of range,
+  before any sampling work starts."""
+  if (not isinstance(num_steps, (int, np.integer)) or
+      not 1 <= num_steps <= num_train_timesteps):
+    raise ValueError(f'DDIM num_steps={num_steps!r} must be an integer in '
+                     f'[1, {num_train_timesteps}] (the training timesteps)')
+  if not (np.isfinite(guidance_scale) and
+          0.0 <= guidance_scale <= MAX_GUIDANCE_SCALE):
+    raise ValueError(f'guidance_scale={guidance_scale!r} must be in [0, '
+                     f'{MAX_GUIDANCE_SCALE}] (1: no guidance, 0: '
+                     'unconditional)')
+
+
+def ddim_timesteps(num_steps: int, num_train_timesteps: int) -> np.ndarray:
+  """Descending int timesteps, 'trailing' spacing (diffusers'
+  `timestep_spacing='trailing'`): round(T - k T / n) - 1, k = 0 .. n-1."""
+  steps = np.round(np.arange(num_train_timesteps, 0,
+                             -num_train_timesteps / num_steps)) - 1
+  return steps.astype(np.int32)
+
+
+def guided_epsilon(denoise: Callable, x_BxHxWxC, t, context_BxTxD,
+                   null_context_TxD, guidance_scale: float):
+  """eps_u + scale (eps_c - eps_u); one forward pass over [cond; uncond].
+
+  `denoise(x, t, context)` predicts the noise. Scale 1 is the conditional
+  model alone (one pass), 0 the unconditional one.
+  """
+  batch = x_BxHxWxC.shape[0]
+  t = jnp.broadcast_to(jnp.asarray(t), (batch,))
+  if guidance_scale == 1.0:
+    return denoise(x_BxHxWxC, t, context_BxTxD)
+  null = jnp.broadcast_to(null_context_TxD.astype(context_BxTxD.dtype),
+                          context_BxTxD.shape)
+  eps = denoise(jnp.concatenate([x_BxHxWxC, x_BxHxWxC]),
+                jnp.concatenate([t, t]),
+                jnp.concatenate([context_BxTxD, null]))
+  eps_cond, eps_uncond = eps[:batch], eps[batch:]
+  return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
+
+
+def ddim_step(x_t, eps, alpha_bar_t, alpha_bar_prev, clip: bool = True):
+  """One DDIM update (eta = 0) from alpha_bar_t to alpha_bar_prev."""
+  x0 = (x_t - jnp.sqrt(1.0 - alpha_bar_t) * eps) / jnp.sqrt(alpha_bar_t)
+  if clip:
+    x0 = jnp.clip(x0, -1.0, 1.0)
+    eps = (x_t - jnp.sqrt(alpha_bar_t) * x0) / jnp.sqrt(1.0 - alpha_bar_t)
+  return jnp.sqrt(alpha_bar_prev) * x0 + jnp.sqrt(1.0 - alpha_bar_prev) * eps
+
+
+def sample(denoise: Callable, noise_BxHxWxC, context_BxTxD, null_context_TxD,
+           *, schedule: Schedule, num_steps: int, guidance_scale: float,
+           clip: bool = True):
+  """DDIM from `noise_BxHxWxC` (x_T) to x_0 in [-1, 1] (jit-able).
+
+  Args:
+    denoise: (x, timesteps [B], context) -> predicted noise.
+    noise_BxHxWxC: the starting Gaussian noise (its seed fixes the sample).
+    context_BxTxD: the prompts' contexts.
+    null_context_TxD: the empty prompt's context (guidance's unconditional).
+    schedule: the forward process the model was trained with.
+    num_steps: DDIM steps.
+    guidance_scale: classifier-free guidance scale.
+    clip: clip the predicted x_0 to [-1, 1] at every step (pixel space).
+  """
+  check_sampler(num_steps, guidance_scale, schedule.num_train_timesteps)
+  ab = schedule.alphas_cumprod()
+  timesteps = ddim_timesteps(num_steps, schedule.num_train_timesteps)
+  prev = np.concatenate([ab[timesteps[1:]], [1.0]])
+  table = jnp.asarray(np.stack([timesteps.astype(np.float64), ab[timesteps],
+                                prev], -1), jnp.float32)
+  batch = noise_BxHxWxC.shape[0]
+
+  def body(x, row):
+    t = jnp.full((batch,), row[0].astype(jnp.int32))
+    eps = guided_epsilon(denoise, x, t, context_BxTxD, null_context_TxD,
+                         guidance_scale)
+    return ddim_step(x, eps, row[1], row[2], clip), None
+
+  x, _ = jax.lax.scan(body, noise_BxHxWxC.astype(jnp.float32), table)
+  return jnp.clip(x, -1.0, 1.0) if clip else x

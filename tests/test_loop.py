@@ -1,0 +1,148 @@
+"""The miniature loop end to end on the tiny config (`configs/loop.py:tiny`):
+every stage runs, a rerun skips them, a foreign generator checkpoint names
+its keys, and sampling is a pure function of (prompt, seed)."""
+
+import json
+import shutil
+
+import ml_collections
+import numpy as np
+import pytest
+
+from configs import loop as loop_config
+from reverse_sd.data import datasets
+from reverse_sd.loop import generator
+from reverse_sd.loop import stages
+
+
+def _tiny_config():
+  config = loop_config.get_config('tiny')
+  return config
+
+
+@pytest.fixture(scope='module')
+def tiny_loop(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp('loop')
+  records = stages.run(_tiny_config(), workdir)
+  return workdir, records
+
+
+def test_every_stage_runs_and_records_itself(tiny_loop):
+  workdir, records = tiny_loop
+  assert list(records) == [name for name, _ in stages.STAGES]
+  for name in records:
+    saved = json.loads((workdir / 'stages' / f'{name}.json').read_text())
+    assert saved['stage'] == name and saved['time_s'] >= 0
+  quality = records['quality']
+  assert set(quality['generated_accuracy']) >= {'shape', 'colour'}
+  for value in quality['generated_accuracy'].values():
+    assert 0.0 <= value <= 1.0
+
+
+def test_generated_data_set_opens_for_training(tiny_loop):
+  workdir, records = tiny_loop
+  data_config = ml_collections.ConfigDict(dict(
+      name='generated', data_dir=str(workdir / 'data'),
+      generated_name=records['generated']['name']))
+  builder = datasets.open_builder(data_config)
+  source = builder.as_data_source('test')
+  config = _tiny_config()
+  assert len(source) == config.generated.num_test
+  example = source[0]
+  side = config.corpus.image_size
+  assert example['image'].shape == (side, side, 3)
+  assert 0.0 <= float(example['alignment']) <= 1.0
+
+
+def test_rerun_skips_finished_stages(tiny_loop):
+  workdir, records = tiny_loop
+  checkpoints = sorted((workdir / 'generator' / 'checkpoints').rglob('*'))
+  mtimes = [p.stat().st_mtime for p in checkpoints]
+  again = stages.run(_tiny_config(), workdir)
+  assert again == json.loads(json.dumps(records))
+  assert [p.stat().st_mtime for p in checkpoints] == mtimes
+
+
+def test_unknown_stage_is_refused(tiny_loop):
+  workdir, _ = tiny_loop
+  with pytest.raises(ValueError, match="Unknown stage.*'generatr'"):
+    stages.run(_tiny_config(), workdir, only=('generatr',))
+
+
+def test_generator_checkpoint_of_another_config_names_keys(tiny_loop,
+                                                             tmp_path):
+  workdir, _ = tiny_loop
+  for part in ('data', 'contexts', 'autoencoder', 'generator', 'stages'):
+    shutil.copytree(workdir / part, tmp_path / part)
+  (tmp_path / 'stages' / 'generator.json').unlink()
+  config = _tiny_config()
+  config.unlock()
+  config.generator.block_out_channels = (8, 24)
+  with pytest.raises(ValueError, match=r'does not fit.*\n.*(up_blocks|'
+                     r'encoder|conv)'):
+    stages.run(config, tmp_path, only=('generator',))
+
+
+def test_sampling_is_a_function_of_prompt_and_seed(tiny_loop):
+  workdir, _ = tiny_loop
+  loop = stages.Loop(_tiny_config(), workdir)
+  prompts = ['a small red circle at the top', 'a large blue star',
+             'a medium green ring in the center']
+  contexts = loop.contexts(prompts)
+  seeds = np.array([5, 6, 7])
+  gen = loop.generator
+  whole = gen.sample(contexts, seeds, num_steps=2, guidance_scale=2.0,
+                           batch_size=3)
+  pairs = gen.sample(contexts, seeds, num_steps=2, guidance_scale=2.0,
+                           batch_size=2)
+  np.testing.assert_array_equal(whole, pairs)
+  last = gen.sample(contexts[2:], seeds[2:], num_steps=2,
+                          guidance_scale=2.0, batch_size=2)
+  np.testing.assert_array_equal(whole[2:], last)
+  other_seed = gen.sample(contexts[:1], seeds[1:2], num_steps=2,
+                                guidance_scale=2.0, batch_size=2)
+  assert not np.array_equal(whole[:1], other_seed)
+  assert whole.dtype == np.uint8
+
+
+@pytest.mark.parametrize('steps,scale', [(0, 3.0), (5000, 3.0), (2, -1.0),
+                                         (2, float('inf'))])
+def test_sampler_settings_fail_before_sampling(tiny_loop, steps, scale):
+  workdir, _ = tiny_loop
+  loop = stages.Loop(_tiny_config(), workdir)
+  with pytest.raises(ValueError, match='num_steps|guidance_scale'):
+    loop.generator.sample(np.zeros((1, 16, 384), np.float16), np.array([0]),
+                          num_steps=steps, guidance_scale=scale)
+
+
+def test_example_seeds_depend_on_split_and_index_only():
+  a = generator.example_seeds(1, 'train', np.array([0, 1, 2]))
+  b = generator.example_seeds(1, 'train', np.array([2]))
+  assert a[2] == b[0]
+  assert len(set(a)) == 3
+  assert generator.example_seeds(1, 'test', np.array([0]))[0] != a[0]
+  assert generator.example_seeds(2, 'train', np.array([0]))[0] != a[0]
+
+
+def test_reverse_stages_and_reuse_report(tiny_loop):
+  workdir, records = tiny_loop
+  config = _tiny_config()
+  for row in config.reverse.whitebox_rows:
+    assert 'cosine' in records['whitebox']['rows'][row]['test']
+  ingredients = records['ingredients']
+  assert set(ingredients['rows']) == set(config.reverse.ingredient_rows)
+  rho = ingredients['spearman_model_difficulty_vs_referee_alignment']
+  assert -1.0 <= rho['mean'] <= 1.0
+  assert {'single', 'ensemble_dakl'} <= set(ingredients['dakl']['rows'])
+  reuse = records['reuse']
+  for name in ('original', 'reused', 'reused+ft'):
+    assert reuse[name]['diversity'] >= 0.0
+    assert -1.0 <= reuse[name]['judge_cosine']['mean'] <= 1.0
+  # The white-box row fine-tuned the encoder that the reuse stage swapped.
+  assert reuse['encoder_change'] > 0.0
+  text = (workdir / 'results' / 'miniature_loop.md').read_text()
+  for heading in ('Generator quality', 'White-box against black-box',
+                  'ingredients', 'back in the generator'):
+    assert heading in text
+  assert (workdir / 'results' / 'reuse_samples.png').exists()
+  assert (workdir / 'results' / 'quality_samples.png').exists()

@@ -1,0 +1,203 @@
+"""The loop's diffusion core: schedule, DDIM, guidance, conditioning dropout,
+the full U-Net (whose down path is the white-box encoder) and the
+autoencoder."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from reverse_sd.loop import diffusion
+from reverse_sd.models import autoencoder
+from reverse_sd.models import diffusion_unet
+from reverse_sd.models import sd_unet
+from reverse_sd.models import sd_vae
+from reverse_sd.models import whitebox
+
+TINY_UNET = sd_unet.UNetConfig(
+    block_out_channels=(8, 16),
+    down_block_types=(sd_unet.DOWN_BLOCK, sd_unet.CROSS_ATTN_DOWN_BLOCK),
+    layers_per_block=(1, 2), num_attention_heads=(1, 2),
+    transformer_layers_per_block=(1, 1), cross_attention_dim=12,
+    in_channels=4, norm_num_groups=4)
+TINY_VAE = sd_vae.VAEConfig(block_out_channels=(8, 8), layers_per_block=1,
+                            norm_num_groups=4, latent_channels=4,
+                            down_block_types=(sd_vae.DOWN_ENCODER_BLOCK,) * 2,
+                            scaling_factor=0.5,
+                            mid_block_add_attention=True)
+
+
+def test_linear_schedule_matches_ddpm_formula():
+  ab = diffusion.Schedule('linear', 10, 0.1, 0.5).alphas_cumprod()
+  betas = np.linspace(0.1, 0.5, 10)
+  np.testing.assert_allclose(ab, np.cumprod(1 - betas))
+  sd = diffusion.Schedule('scaled_linear', 1000, 0.00085, 0.012)
+  np.testing.assert_allclose(sd.alphas_cumprod(), whitebox.alphas_cumprod())
+
+
+@pytest.mark.parametrize('kwargs', [dict(kind='cosine'),
+                                    dict(num_train_timesteps=1),
+                                    dict(beta_start=0.5, beta_end=0.1)])
+def test_bad_schedule(kwargs):
+  with pytest.raises(ValueError):
+    diffusion.Schedule(**kwargs)
+
+
+def test_ddim_timesteps_trailing():
+  np.testing.assert_array_equal(diffusion.ddim_timesteps(4, 1000),
+                                [999, 749, 499, 249])
+  np.testing.assert_array_equal(diffusion.ddim_timesteps(1, 1000), [999])
+  assert len(diffusion.ddim_timesteps(1000, 1000)) == 1000
+
+
+def test_ddim_step_by_hand():
+  """One step with made-up numbers, computed on paper."""
+  x_t, eps = jnp.array([0.5]), jnp.array([0.2])
+  ab_t, ab_prev = 0.64, 0.81  # sqrt: 0.8 and 0.9; sqrt(1-.): 0.6, sqrt(.19).
+  x0 = (0.5 - 0.6 * 0.2) / 0.8  # 0.475
+  expected = 0.9 * x0 + np.sqrt(0.19) * 0.2
+  got = diffusion.ddim_step(x_t, eps, ab_t, ab_prev, clip=False)
+  np.testing.assert_allclose(got, [expected], rtol=1e-6)
+  # Clipping x0 re-derives the noise from the clipped x0.
+  x_big = jnp.array([2.0])
+  x0_clipped = 1.0
+  eps_hat = (2.0 - 0.8 * x0_clipped) / 0.6
+  np.testing.assert_allclose(
+      diffusion.ddim_step(x_big, eps, ab_t, ab_prev, clip=True),
+      [0.9 * x0_clipped + np.sqrt(0.19) * eps_hat], rtol=1e-6)
+
+
+def test_sample_inverts_forward_process_with_oracle_denoiser():
+  """With the true noise as the prediction, one DDIM step from t = T-1
+  returns x_0 exactly (alpha_bar after the last step is 1)."""
+  schedule = diffusion.Schedule('linear', 100, 1e-4, 0.02)
+  ab = schedule.alphas_cumprod()
+  x0 = jnp.linspace(-0.9, 0.9, 2 * 4 * 4 * 3).reshape(2, 4, 4, 3)
+  noise = jax.random.normal(jax.random.key(0), x0.shape)
+  x_t = diffusion.add_noise(x0, noise, jnp.array([99, 99]), ab)
+
+  def oracle(x, t, context):
+    del context
+    a = jnp.asarray(ab, jnp.float32)[t][:, None, None, None]
+    return (x - jnp.sqrt(a) * x0) / jnp.sqrt(1 - a)
+
+  out = diffusion.sample(oracle, x_t, jnp.zeros((2, 3, 5)),
+                         jnp.zeros((3, 5)), schedule=schedule, num_steps=1,
+                         guidance_scale=1.0, clip=False)
+  np.testing.assert_allclose(out, x0, atol=1e-5)
+  # Several steps of the oracle land on x_0 too.
+  out = diffusion.sample(oracle, x_t, jnp.zeros((2, 3, 5)),
+                         jnp.zeros((3, 5)), schedule=schedule, num_steps=5,
+                         guidance_scale=1.0, clip=False)
+  np.testing.assert_allclose(out, x0, atol=1e-4)
+
+
+def test_guidance_combines_conditional_and_unconditional():
+  def denoise(x, t, context):
+    assert t.shape == (x.shape[0],)
+    return jnp.broadcast_to(context.sum(axis=(1, 2))[:, None, None, None],
+                            x.shape)
+
+  x = jnp.zeros((2, 1, 1, 1))
+  context = jnp.array([[[1.0]], [[3.0]]])
+  null = jnp.array([[0.5]])
+  for scale, expected in [(1.0, [1.0, 3.0]), (0.0, [0.5, 0.5]),
+                          (3.0, [0.5 + 3 * 0.5, 0.5 + 3 * 2.5])]:
+    eps = diffusion.guided_epsilon(denoise, x, 7, context, null, scale)
+    np.testing.assert_allclose(eps.ravel(), expected)
+
+
+def test_conditioning_dropout_rate_and_rows():
+  context = jnp.ones((4000, 2, 3))
+  null = jnp.zeros((2, 3))
+  out = diffusion.drop_context(jax.random.key(1), context, null, 0.1)
+  dropped = np.asarray((out == 0).all(axis=(1, 2)))
+  kept = np.asarray((out == 1).all(axis=(1, 2)))
+  assert (dropped | kept).all()  # Whole rows only.
+  assert 0.08 < dropped.mean() < 0.12
+  assert not np.asarray(diffusion.drop_context(jax.random.key(1), context,
+                                               null, 0.0) == 0).any()
+
+
+@pytest.mark.parametrize('steps,scale', [(0, 3.0), (1001, 3.0), (2.5, 3.0),
+                                         (10, -1.0), (10, float('nan')),
+                                         (10, 1e6)])
+def test_sampler_settings_out_of_range_fail_first(steps, scale):
+  called = []
+  with pytest.raises(ValueError, match='num_steps|guidance_scale'):
+    diffusion.sample(lambda *a: called.append(1), jnp.zeros((1, 2, 2, 1)),
+                     jnp.zeros((1, 2, 3)), jnp.zeros((2, 3)),
+                     schedule=diffusion.Schedule(), num_steps=steps,
+                     guidance_scale=scale)
+  assert not called
+
+
+def _unet_inputs(batch=2, size=8):
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(batch, size, size, 4)), jnp.float32)
+  context = jnp.asarray(rng.normal(size=(batch, 5, 12)), jnp.float32)
+  return x, jnp.array([3, 500]), context
+
+
+def test_full_unet_down_path_is_the_whitebox_encoder():
+  unet = diffusion_unet.DiffusionUNet(TINY_UNET)
+  x, t, context = _unet_inputs()
+  params = unet.init(jax.random.key(0), x, t, context)['params']
+  eps = unet.apply({'params': params}, x, t, context)
+  assert eps.shape == x.shape and eps.dtype == jnp.float32
+  encoder = sd_unet.UNetEncoder(TINY_UNET)
+  encoder_params = params[diffusion_unet.ENCODER]
+  # The encoder subtree is exactly a UNetEncoder's tree.
+  abstract = jax.eval_shape(encoder.init, jax.random.key(0), x, t, context)
+  assert (jax.tree.structure(abstract['params']) ==
+          jax.tree.structure(encoder_params))
+  features = encoder.apply({'params': encoder_params}, x, t, context)
+  inside = unet.apply({'params': params}, x, t, context,
+                      method=lambda m, *a: m.encoder(*a))
+  np.testing.assert_array_equal(features, inside)
+  # And it is what the white-box backbone computes at t = 0.
+  backbone = whitebox.WhiteBoxBackbone(TINY_UNET, TINY_VAE,
+                                       whitebox.Constant(np.asarray(
+                                           context[0])))
+  latents = x
+  bb_params = backbone.init(jax.random.key(1), latents)['params']
+  assert (jax.tree.structure(bb_params['unet']) ==
+          jax.tree.structure(encoder_params))
+  bb_params = {'params': dict(bb_params, unet=encoder_params)}
+  pooled = backbone.apply(bb_params, latents)
+  direct = encoder.apply({'params': encoder_params}, latents, 0,
+                         jnp.broadcast_to(context[0], (2, 5, 12)))
+  np.testing.assert_allclose(pooled, direct.max(axis=(1, 2)), rtol=1e-6)
+
+
+def test_full_unet_uses_its_skips_and_context():
+  unet = diffusion_unet.DiffusionUNet(TINY_UNET)
+  x, t, context = _unet_inputs()
+  params = unet.init(jax.random.key(0), x, t, context)['params']
+  assert sorted(k for k in params if k.startswith('up_blocks')) == [
+      'up_blocks_0', 'up_blocks_1']
+  # Up block 0 mirrors the 2-layer cross-attention block: 3 resnets.
+  assert sorted(params['up_blocks_0']) == [
+      'attentions_0', 'attentions_1', 'attentions_2', 'resnets_0',
+      'resnets_1', 'resnets_2', 'upsamplers_0']
+  base = unet.apply({'params': params}, x, t, context)
+  other = unet.apply({'params': params}, x, t, context + 1.0)
+  assert not np.allclose(base, other)
+
+
+def test_autoencoder_round_trip_shapes_and_encoder_tree():
+  model = autoencoder.AutoencoderKL(TINY_VAE)
+  images = jnp.zeros((2, 16, 16, 3))
+  params = model.init(jax.random.key(0), images)['params']
+  recon, mean, logvar = model.apply({'params': params}, images)
+  assert recon.shape == images.shape
+  assert mean.shape == logvar.shape == (2, 8, 8, 4)
+  latents = model.apply({'params': params}, images, method='encode')
+  np.testing.assert_allclose(latents, mean * TINY_VAE.scaling_factor,
+                             rtol=1e-6)
+  assert model.apply({'params': params}, latents,
+                     method='decode').shape == images.shape
+  encoder_abstract = jax.eval_shape(sd_vae.VAEEncoder(TINY_VAE).init,
+                                    jax.random.key(0), images)['params']
+  assert (jax.tree.structure(encoder_abstract) ==
+          jax.tree.structure(params[autoencoder.ENCODER]))
