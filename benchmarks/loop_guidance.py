@@ -1,0 +1,59 @@
+r"""The referee's accuracy on a loop generator's images as guidance varies.
+
+  python benchmarks/loop_guidance.py --workdir=/tmp/loop_main \
+      [--config=tiny] [--num_prompts=128] [--scales=1,3,5,7.5] \
+      [--output=benchmarks/results/loop_guidance.json]
+
+Samples the first `num_prompts` held-out (test) prompts of a loop workdir
+whose generator and referee have trained (`python -m reverse_sd.loop`), with
+the same per-prompt seeds at every guidance scale and the config's DDIM step
+count, and prints the referee's per-attribute accuracy at each scale.
+"""
+
+import argparse
+import pathlib
+import sys
+
+import numpy as np
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+# pylint: disable=g-import-not-at-top,wrong-import-position
+from benchmarks import common
+from configs import loop as loop_config
+from reverse_sd.loop import generator as generator_lib
+from reverse_sd.loop import referee as referee_lib
+from reverse_sd.loop import stages
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--workdir', required=True)
+  parser.add_argument('--config', default='', help="configs/loop.py's arg.")
+  parser.add_argument('--num_prompts', type=int, default=128)
+  parser.add_argument('--scales', default='1,3,5,7.5')
+  parser.add_argument('--output',
+                      default='benchmarks/results/loop_guidance.json')
+  args = parser.parse_args()
+  scales = [float(s) for s in args.scales.split(',')]
+  loop = stages.Loop(loop_config.get_config(args.config), args.workdir)
+  test = loop.split('corpus', 'test')
+  n = min(args.num_prompts, len(test['prompts']))
+  labels = referee_lib.labels_from_attributes(test['attributes'][:n])
+  seeds = generator_lib.example_seeds(loop.config.seed, 'test', np.arange(n))
+  rows, results = [], {}
+  for scale in scales:
+    images = loop.sample(test['prompts'][:n], seeds, guidance_scale=scale)
+    accuracy = referee_lib.accuracy(loop.referee.predict(images), labels)
+    results[str(scale)] = accuracy
+    rows.append([scale, *(accuracy[g] for g in referee_lib.GROUPS)])
+  print(common.format_table(['guidance', *referee_lib.GROUPS], rows))
+  common.write_json(args.output, {
+      'workdir': args.workdir, 'num_prompts': n,
+      'num_steps': loop.config.sampler.num_steps, 'accuracy': results,
+      'machine': common.machine(), 'git': common.git_revision(),
+      'date': common.now()})
+
+
+if __name__ == '__main__':
+  main()
