@@ -40,6 +40,9 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
       layers_per_block=1, num_attention_heads=(2, 4, 4), norm_num_groups=8,
       schedule='scaled_linear', num_train_timesteps=1000, beta_start=0.00085,
       beta_end=0.012, context_dropout=0.1,
+      # Also condition every resnet on the prompt's sentence embedding (added
+      # to the time embedding); off: cross-attention only, as SD 1.x/2.x.
+      pooled_text_embedding=False,
       steps=2_400, batch_size=64, lr=1e-3, ema_decay=0.995,
       checkpoint_every=200, log_every=50))
   config.sampler = ml_collections.ConfigDict(dict(

@@ -2,6 +2,8 @@
 the full U-Net (whose down path is the white-box encoder) and the
 autoencoder."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -201,3 +203,42 @@ def test_autoencoder_round_trip_shapes_and_encoder_tree():
                                     jax.random.key(0), images)['params']
   assert (jax.tree.structure(encoder_abstract) ==
           jax.tree.structure(params[autoencoder.ENCODER]))
+
+
+def test_pooled_context_is_mean_pooling_over_real_tokens():
+  rng = np.random.default_rng(3)
+  states = rng.normal(size=(2, 6, 12)).astype(np.float32)
+  mask = np.array([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 0]], np.float32)
+  padded = states * mask[..., None]  # The generator's contexts: zeros pad.
+  expected = (padded.sum(1) / mask.sum(1, keepdims=True))
+  expected /= np.linalg.norm(expected, axis=-1, keepdims=True)
+  np.testing.assert_allclose(sd_unet.pooled_context(jnp.asarray(padded)),
+                             expected, rtol=1e-5)
+
+
+def test_projection_class_embedding_conditions_every_call_the_same_way():
+  config = dataclasses.replace(TINY_UNET,
+                               projection_class_embeddings_input_dim=12)
+  unet = diffusion_unet.DiffusionUNet(config)
+  x, t, context = _unet_inputs()
+  params = unet.init(jax.random.key(0), x, t, context)['params']
+  assert 'class_embedding' in params[diffusion_unet.ENCODER]
+  default = unet.apply({'params': params}, x, t, context)
+  explicit = unet.apply({'params': params}, x, t, context,
+                        sd_unet.pooled_context(context))
+  np.testing.assert_allclose(default, explicit, rtol=1e-6)
+  other = unet.apply({'params': params}, x, t, context,
+                     -sd_unet.pooled_context(context))
+  assert not np.allclose(default, other)
+  with pytest.raises(ValueError, match='class_labels have shape'):
+    unet.apply({'params': params}, x, t, context, jnp.zeros((2, 5)))
+  # The white-box backbone feeds its encoder the same pooled context.
+  backbone = whitebox.WhiteBoxBackbone(
+      config, TINY_VAE, whitebox.Constant(np.asarray(context[0])))
+  bb = backbone.init(jax.random.key(1), x)['params']
+  bb = dict(bb, unet=params[diffusion_unet.ENCODER])
+  pooled = backbone.apply({'params': bb}, x)
+  direct = sd_unet.UNetEncoder(config).apply(
+      {'params': params[diffusion_unet.ENCODER]}, x, 0,
+      jnp.broadcast_to(context[0], context.shape))
+  np.testing.assert_allclose(pooled, direct.max(axis=(1, 2)), rtol=1e-5)

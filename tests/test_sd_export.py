@@ -54,11 +54,15 @@ def _assert_trees_equal(actual, expected, what):
     assert np.array_equal(actual[path], expected[path]), f'{what}: {path}'
 
 
-@pytest.fixture(scope='module', params=[False, True],
-                ids=['conv_projection', 'linear_projection'])
+@pytest.fixture(scope='module', params=[(False, None), (True, None),
+                                        (True, 12)],
+                ids=['conv_projection', 'linear_projection',
+                     'class_embedding'])
 def exported(request, tmp_path_factory):
-  unet_config = dataclasses.replace(UNET_CONFIG,
-                                    use_linear_projection=request.param)
+  linear, class_dim = request.param
+  unet_config = dataclasses.replace(
+      UNET_CONFIG, use_linear_projection=linear,
+      projection_class_embeddings_input_dim=class_dim)
   unet_params = _random_params(
       sd_export.abstract_diffusion_unet_params(unet_config), seed=1)
   vae_params = _random_params(

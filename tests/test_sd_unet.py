@@ -231,6 +231,10 @@ def test_real_vae_config():
     ('down_block_types', ['CrossAttnDownBlock2D', 'AttnDownBlock2D'] * 2,
      r"\['AttnDownBlock2D', 'AttnDownBlock2D'\] are not supported"),
     ('attention_head_dim', 7, 'not divisible into 7 attention heads'),
+    ('class_embed_type', 'timestep', "class_embed_type='timestep' is not"),
+    ('class_embed_type', 'projection',
+     'needs projection_class_embeddings_input_dim'),
+    ('class_embeddings_concat', True, 'class_embeddings_concat=True'),
 ])
 def test_unsupported_unet_config_is_named(key, value, match):
   config_json = dict(SD15_UNET_JSON, **{key: value})

@@ -78,8 +78,8 @@ _UNET_FIXED = {
     'mid_block_type': 'UNetMidBlock2DCrossAttn',
     'attention_type': 'default',
     'num_attention_heads': None,
-    'class_embed_type': None,
     'num_class_embeds': None,
+    'class_embeddings_concat': False,
     'addition_embed_type': None,
     'encoder_hid_dim': None,
     'encoder_hid_dim_type': None,
@@ -121,6 +121,15 @@ def unet_config_from_diffusers(config_json: Mapping[str, Any], *,
   if any(only_cross):
     raise ValueError(f'{source_name}: only_cross_attention={only_cross} is '
                      'not supported')
+  class_embed_type = get('class_embed_type', None)
+  if class_embed_type not in (None, 'projection'):
+    raise ValueError(f'{source_name}: class_embed_type={class_embed_type!r} '
+                     "is not supported (only None and 'projection')")
+  class_dim = (get('projection_class_embeddings_input_dim', None)
+               if class_embed_type == 'projection' else None)
+  if class_embed_type == 'projection' and class_dim is None:
+    raise ValueError(f"{source_name}: class_embed_type='projection' needs "
+                     'projection_class_embeddings_input_dim')
   cross_attention_dims = set(per_block('cross_attention_dim', 1280))
   if len(cross_attention_dims) != 1:
     raise ValueError(f'{source_name}: per-block cross_attention_dim '
@@ -145,7 +154,8 @@ def unet_config_from_diffusers(config_json: Mapping[str, Any], *,
         downsample_padding=get('downsample_padding', 1),
         mid_block_scale_factor=float(get('mid_block_scale_factor', 1)),
         conv_in_kernel=get('conv_in_kernel', 3),
-        time_embedding_dim=get('time_embedding_dim', None))
+        time_embedding_dim=get('time_embedding_dim', None),
+        projection_class_embeddings_input_dim=class_dim)
   except (ValueError, TypeError) as e:
     raise ValueError(f'{source_name}: {e}') from e
 
@@ -299,6 +309,9 @@ def unet_encoder_rules(config: sd_unet.UNetConfig) -> list[core.Rule]:
   rules = (_conv('conv_in', 'conv_in') +
            _dense('time_embedding.linear_1', 'time_embedding/linear_1') +
            _dense('time_embedding.linear_2', 'time_embedding/linear_2'))
+  if config.projection_class_embeddings_input_dim is not None:
+    rules += (_dense('class_embedding.linear_1', 'class_embedding/linear_1') +
+              _dense('class_embedding.linear_2', 'class_embedding/linear_2'))
   in_channels = config.block_out_channels[0]
   last = len(config.block_out_channels) - 1
   for i, channels in enumerate(config.block_out_channels):

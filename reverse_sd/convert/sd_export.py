@@ -288,6 +288,10 @@ def unet_config_json(config: sd_unet.UNetConfig, *,
   }
   if config.time_embedding_dim is not None:
     config_json['time_embedding_dim'] = config.time_embedding_dim
+  if config.projection_class_embeddings_input_dim is not None:
+    config_json['class_embed_type'] = 'projection'
+    config_json['projection_class_embeddings_input_dim'] = (
+        config.projection_class_embeddings_input_dim)
   if sample_size is not None:
     config_json['sample_size'] = sample_size
   return config_json

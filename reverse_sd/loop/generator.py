@@ -79,7 +79,11 @@ def unet_config(config: ml_collections.ConfigDict) -> sd_unet.UNetConfig:
       transformer_layers_per_block=(1,) * blocks,
       cross_attention_dim=minilm.EMBEDDING_DIM,
       in_channels=config.autoencoder.latent_channels,
-      norm_num_groups=gen.norm_num_groups)
+      norm_num_groups=gen.norm_num_groups,
+      # The prompt's sentence embedding (pooled from the context) added to
+      # the time embedding: diffusers' class_embed_type='projection'.
+      projection_class_embeddings_input_dim=(
+          minilm.EMBEDDING_DIM if gen.pooled_text_embedding else None))
 
 
 def noise_schedule(config: ml_collections.ConfigDict) -> diffusion.Schedule:

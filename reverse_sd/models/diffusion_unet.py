@@ -93,10 +93,10 @@ class DiffusionUNet(nn.Module):
                             padding=((pad, pad), (pad, pad)),
                             dtype=self.dtype, name='conv_out')
 
-  def __call__(self, x_BxHxWxC, timesteps, context_BxSxE):
+  def __call__(self, x_BxHxWxC, timesteps, context_BxSxE, class_labels=None):
     cfg = self.config
     stages, skips, temb = self.encoder.down_path(x_BxHxWxC, timesteps,
-                                                 context_BxSxE)
+                                                 context_BxSxE, class_labels)
     context = context_BxSxE.astype(self.dtype)
     x = stages['mid_block']
     skips = list(skips)

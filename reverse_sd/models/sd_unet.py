@@ -104,6 +104,11 @@ class UNetConfig:
     conv_in_kernel: kernel size of conv_in.
     time_embedding_dim: width of the time embedding; None: 4 *
       block_out_channels[0].
+    projection_class_embeddings_input_dim: diffusers' class_embed_type
+      'projection': a `class_embedding` MLP from a vector of this width to
+      the time embedding, added to it, so it reaches every resnet. None
+      (SD 1.x/2.x): no class embedding. The vector is the call's
+      `class_labels`, by default `pooled_context(context)`.
   """
   block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280)
   down_block_types: tuple[str, ...] = (CROSS_ATTN_DOWN_BLOCK,) * 3 + (
@@ -123,6 +128,7 @@ class UNetConfig:
   mid_block_scale_factor: float = 1.0
   conv_in_kernel: int = 3
   time_embedding_dim: int | None = None
+  projection_class_embeddings_input_dim: int | None = None
 
   def __post_init__(self):
     blocks = len(self.block_out_channels)
@@ -189,6 +195,22 @@ def timestep_embedding(timesteps_B, dim: int, flip_sin_to_cos: bool,
   if dim % 2:
     emb = jnp.pad(emb, ((0, 0), (0, 1)))
   return emb
+
+
+def pooled_context(context_BxSxE):
+  """The mean of the context's non-zero token states, L2-normalised, [B, E].
+
+  For zero-padded MiniLM token states (the miniature loop's generator) this
+  is MiniLM's sentence embedding (mean pooling over the real tokens). It is
+  the default `class_labels` of a U-Net with a projection class embedding,
+  so the generator and the white-box encoder condition on it the same way.
+  """
+  context = context_BxSxE.astype(jnp.float32)
+  real_BxSx1 = jnp.any(context != 0, axis=-1, keepdims=True)
+  count_Bx1 = jnp.maximum(jnp.sum(real_BxSx1, axis=1), 1)
+  mean_BxE = jnp.sum(context * real_BxSx1, axis=1) / count_Bx1
+  norm_Bx1 = jnp.linalg.norm(mean_BxE, axis=-1, keepdims=True)
+  return mean_BxE / jnp.maximum(norm_Bx1, 1e-12)
 
 
 class TimestepEmbedding(nn.Module):
@@ -370,19 +392,25 @@ class UNetEncoder(nn.Module):
   dtype: jnp.dtype = jnp.float32
   attention: attention_ops.Attention = attention_ops.Attention()
 
-  def __call__(self, latents_BxHxWxC, timesteps, context_BxSxE):
-    return self.stages(latents_BxHxWxC, timesteps, context_BxSxE)['mid_block']
+  def __call__(self, latents_BxHxWxC, timesteps, context_BxSxE,
+               class_labels=None):
+    return self.stages(latents_BxHxWxC, timesteps, context_BxSxE,
+                       class_labels)['mid_block']
 
-  def stages(self, latents_BxHxWxC, timesteps, context_BxSxE):
+  def stages(self, latents_BxHxWxC, timesteps, context_BxSxE,
+             class_labels=None):
     """Every stage's output: {'down_blocks_{i}': ..., 'mid_block': ...}."""
-    outputs, _, _ = self.down_path(latents_BxHxWxC, timesteps, context_BxSxE)
+    outputs, _, _ = self.down_path(latents_BxHxWxC, timesteps, context_BxSxE,
+                                   class_labels)
     return outputs
 
   @nn.compact
-  def down_path(self, latents_BxHxWxC, timesteps, context_BxSxE):
+  def down_path(self, latents_BxHxWxC, timesteps, context_BxSxE,
+                class_labels=None):
     """(stages, skips, temb): `stages`' dict, the skip connections the up
     path reads (conv_in's output, then every down block's skips, in order:
-    diffusers' `down_block_res_samples`) and the time embedding [B, T]."""
+    diffusers' `down_block_res_samples`) and the time embedding [B, T] (with
+    the class embedding added, when the config has one)."""
     cfg = self.config
     batch = latents_BxHxWxC.shape[0]
     timesteps_B = jnp.broadcast_to(jnp.asarray(timesteps), (batch,))
@@ -390,6 +418,16 @@ class UNetEncoder(nn.Module):
                                cfg.flip_sin_to_cos, cfg.freq_shift)
     temb = TimestepEmbedding(cfg.time_embed_dim, self.dtype,
                              name='time_embedding')(t_emb.astype(self.dtype))
+    if cfg.projection_class_embeddings_input_dim is not None:
+      if class_labels is None:
+        class_labels = pooled_context(context_BxSxE)
+      expected = (batch, cfg.projection_class_embeddings_input_dim)
+      if tuple(class_labels.shape) != expected:
+        raise ValueError(f'class_labels have shape {tuple(class_labels.shape)}'
+                         f'; the class embedding takes {expected}.')
+      temb = temb + TimestepEmbedding(
+          cfg.time_embed_dim, self.dtype, name='class_embedding')(
+              class_labels.astype(self.dtype))
     pad = (cfg.conv_in_kernel - 1) // 2
     x = nn.Conv(cfg.block_out_channels[0], (cfg.conv_in_kernel,) * 2,
                   padding=((pad, pad), (pad, pad)), dtype=self.dtype,
