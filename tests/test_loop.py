@@ -63,6 +63,16 @@ def test_rerun_skips_finished_stages(tiny_loop):
   assert [p.stat().st_mtime for p in checkpoints] == mtimes
 
 
+def test_rerun_with_another_config_names_the_change(tiny_loop):
+  workdir, _ = tiny_loop
+  config = _tiny_config()
+  config.unlock()
+  config.sampler.guidance_scale = 5.0
+  with pytest.raises(ValueError, match=r'sampler\.guidance_scale: 3\.0 -> '
+                     r'5\.0.*fresh --workdir'):
+    stages.run(config, workdir, only=('quality',))
+
+
 def test_unknown_stage_is_refused(tiny_loop):
   workdir, _ = tiny_loop
   with pytest.raises(ValueError, match="Unknown stage.*'generatr'"):

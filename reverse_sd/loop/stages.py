@@ -63,10 +63,22 @@ class Loop:
 
   def run_stage(self, name: str, fn: Callable[[], dict[str, Any]]
                 ) -> dict[str, Any]:
-    """Runs `fn` unless the stage finished before; returns its record."""
+    """Runs `fn` unless the stage finished before; returns its record.
+
+    A finished stage records the config it ran with; a rerun with another
+    config fails naming the keys that differ, rather than skip the stage
+    with results of the old config.
+    """
     path = self.stage_file(name)
+    config = json.loads(json.dumps(self.config.to_dict(), default=list))
     if path.exists():
       record = json.loads(path.read_text())
+      changed = _differences(record.get('config', config), config)
+      if changed:
+        raise ValueError(
+            f'Stage {name} finished in {self.workdir} with another config '
+            f'({", ".join(changed[:5])}). Use a fresh --workdir, or delete '
+            f'{path} (and the records of the stages after it) to redo it.')
       logging.info('Stage %s: done before (%.0f s); skipped.', name,
                    record['time_s'])
       return record
@@ -74,7 +86,8 @@ class Loop:
     began = time.perf_counter()
     record = fn()
     record = {'stage': name,
-              'time_s': round(time.perf_counter() - began, 1), **record}
+              'time_s': round(time.perf_counter() - began, 1), **record,
+              'config': config}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix('.json.tmp')
     tmp.write_text(json.dumps(record, indent=1, default=_jsonable) + '\n')
@@ -218,6 +231,19 @@ class Loop:
         self.contexts(prompts), seeds, num_steps=sampler.num_steps,
         guidance_scale=(sampler.guidance_scale if guidance_scale is None
                         else guidance_scale))
+
+
+def _differences(recorded: Any, current: Any, prefix: str = '') -> list[str]:
+  """'key: recorded -> current' for every leaf where two configs differ."""
+  if isinstance(recorded, dict) and isinstance(current, dict):
+    out = []
+    for key in sorted(set(recorded) | set(current)):
+      out += _differences(recorded.get(key), current.get(key),
+                          f'{prefix}{key}.' if prefix or key else key)
+    return out
+  if recorded != current:
+    return [f'{prefix.rstrip(".")}: {recorded!r} -> {current!r}']
+  return []
 
 
 def _jsonable(value):
