@@ -1,11 +1,12 @@
 r"""The referee's accuracy on a loop generator's images as guidance varies.
 
   python benchmarks/loop_guidance.py --workdir=/tmp/loop_main \
-      [--config=tiny] [--num_prompts=128] [--scales=1,3,5,7.5] \
+      [--num_prompts=128] [--scales=1,3,5,7.5] \
       [--output=benchmarks/results/loop_guidance.json]
 
 Samples the first `num_prompts` held-out (test) prompts of a loop workdir
-whose generator and referee have trained (`python -m reverse_sd.loop`), with
+whose generator and referee have trained (`python -m reverse_sd.loop`; the
+config is the one its stages recorded), with
 the same per-prompt seeds at every guidance scale and the config's DDIM step
 count, and prints the referee's per-attribute accuracy at each scale.
 """
@@ -20,7 +21,6 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from benchmarks import common
-from configs import loop as loop_config
 from reverse_sd.loop import generator as generator_lib
 from reverse_sd.loop import referee as referee_lib
 from reverse_sd.loop import stages
@@ -29,14 +29,13 @@ from reverse_sd.loop import stages
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--workdir', required=True)
-  parser.add_argument('--config', default='', help="configs/loop.py's arg.")
   parser.add_argument('--num_prompts', type=int, default=128)
   parser.add_argument('--scales', default='1,3,5,7.5')
   parser.add_argument('--output',
                       default='benchmarks/results/loop_guidance.json')
   args = parser.parse_args()
   scales = [float(s) for s in args.scales.split(',')]
-  loop = stages.Loop(loop_config.get_config(args.config), args.workdir)
+  loop = stages.Loop(stages.recorded_config(args.workdir), args.workdir)
   test = loop.split('corpus', 'test')
   n = min(args.num_prompts, len(test['prompts']))
   labels = referee_lib.labels_from_attributes(test['attributes'][:n])

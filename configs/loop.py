@@ -25,12 +25,13 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   config.text = ml_collections.ConfigDict(dict(
       model_dir='', context_length=40))
 
-  # KL autoencoder: 64 px <-> 16 x 16 x 4.
+  # KL autoencoder: 64 px <-> 16 x 16 x 8.
   config.autoencoder = ml_collections.ConfigDict(dict(
       block_out_channels=(16, 32, 64), layers_per_block=1, norm_num_groups=8,
-      latent_channels=4, mid_block_attention=False, kl_weight=1e-6,
-      steps=800, batch_size=16, lr=1e-3, ema_decay=0.99,
-      checkpoint_every=500, log_every=100))
+      latent_channels=8, mid_block_attention=False, kl_weight=1e-6,
+      mse_weight=1.0,
+      steps=1000, batch_size=32, lr=2e-3, ema_decay=0.99,
+      checkpoint_every=250, log_every=100))
 
   # Denoiser: the SD U-Net family at a small width.
   config.generator = ml_collections.ConfigDict(dict(
@@ -40,23 +41,30 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
       layers_per_block=1, num_attention_heads=(2, 4, 4), norm_num_groups=8,
       schedule='scaled_linear', num_train_timesteps=1000, beta_start=0.00085,
       beta_end=0.012, context_dropout=0.1,
+      # Epsilon-loss weights over timesteps: 'uniform' or 'min_snr' (capped
+      # at `min_snr_gamma`, so the noisy steps that fix colour and layout
+      # are not drowned by the nearly clean ones).
+      loss_weighting='min_snr', min_snr_gamma=5.0,
+      # Per-channel offset noise: without it the background's colour comes
+      # from the starting noise, not the prompt (`diffusion.training_noise`).
+      noise_offset=0.2,
       # Also condition every resnet on the prompt's sentence embedding (added
       # to the time embedding); off: cross-attention only, as SD 1.x/2.x.
       pooled_text_embedding=False,
       steps=2_400, batch_size=64, lr=1e-3, ema_decay=0.995,
       checkpoint_every=200, log_every=50))
   config.sampler = ml_collections.ConfigDict(dict(
-      num_steps=20, guidance_scale=3.0))
+      num_steps=20, guidance_scale=4.0))
 
   # The referee: an attribute classifier on rendered images.
   config.referee = ml_collections.ConfigDict(dict(
-      steps=800, batch_size=64, lr=2e-3, base_width=16))
+      steps=1200, batch_size=64, lr=2e-3, base_width=16))
 
   # The generated data set: the generator's images for the prompts of a
   # second synthetic build (other seed: prompts the generator never saw).
   config.generated = ml_collections.ConfigDict(dict(
-      seed=1, num_train=3_000, num_validation=300, num_test=600,
-      num_test_shifted=600, shard_size=256, max_objects=1))
+      seed=1, num_train=2_500, num_validation=250, num_test=500,
+      num_test_shifted=500, shard_size=250, max_objects=1))
 
   # Stages 5 and 6: reverse models on the generated data set, each the main
   # job (configs/synthetic.py, size `base_size`) with the loop's schedule and

@@ -8,12 +8,9 @@ one query) and the SD 2.1 U-Net encoder on 512-px latents (64x64 = 4,096,
 in bfloat16 (the accelerators' default, `config.model.dtype='auto'`).
 """
 
-import contextlib
-from unittest import mock
 
 import jax
 from jax import export
-from jax._src.cudnn import fused_attention_stablehlo
 import jax.numpy as jnp
 import pytest
 
@@ -24,6 +21,8 @@ from reverse_sd import sharding
 from reverse_sd import state as state_lib
 from reverse_sd import train
 from reverse_sd.models import reverse_model
+
+import lowering
 
 BATCH = 8
 # The fused kernels' custom-call targets in the lowered module.
@@ -101,15 +100,6 @@ def _lowered_train_step(case: str, platform: str, attention: str) -> str:
   return exported.mlir_module()
 
 
-@contextlib.contextmanager
-def _cudnn_present():
-  """jax asks the CUDA plugin for cuDNN's version before it lowers cuDNN's
-  attention; this CPU-only jaxlib has none, so say 9.10."""
-  with mock.patch.object(fused_attention_stablehlo, 'check_cudnn_version',
-                         return_value=91000):
-    yield
-
-
 @pytest.mark.parametrize('case', ['vit_l14', 'sd21_unet'])
 @pytest.mark.parametrize('platform,attention,kernel', [
     ('tpu', 'auto', TPU_KERNEL),
@@ -121,7 +111,7 @@ def test_train_step_lowers_with_the_fused_kernel(case, platform, attention,
   if case == 'sd21_unet' and attention == 'pallas_gpu':
     pytest.skip('Pallas GPU attention cannot run the U-Net cross-attention '
                 '(Q > T with padding); auto (cuDNN) is the GPU path.')
-  with _cudnn_present():
+  with lowering.cudnn_present():
     text = _lowered_train_step(case, platform, attention)
   assert kernel in text, (
       f'{case} on {platform} (attention={attention!r}): no {kernel} custom '

@@ -3,7 +3,10 @@ every stage runs, a rerun skips them, a foreign generator checkpoint names
 its keys, and sampling is a pure function of (prompt, seed)."""
 
 import json
+import pathlib
 import shutil
+import subprocess
+import sys
 
 import ml_collections
 import numpy as np
@@ -37,6 +40,11 @@ def test_every_stage_runs_and_records_itself(tiny_loop):
   assert set(quality['generated_accuracy']) >= {'shape', 'colour'}
   for value in quality['generated_accuracy'].values():
     assert 0.0 <= value <= 1.0
+  # The report's stage table lists the stages in the loop's order.
+  text = (workdir / 'results' / 'miniature_loop.md').read_text()
+  listed = [line.split('|')[1].strip() for line in text.splitlines()
+            if line.startswith('| ') and line.split('|')[1].strip() in records]
+  assert listed[:len(records)] == list(records)
 
 
 def test_generated_data_set_opens_for_training(tiny_loop):
@@ -67,9 +75,11 @@ def test_rerun_with_another_config_names_the_change(tiny_loop):
   workdir, _ = tiny_loop
   config = _tiny_config()
   config.unlock()
-  config.sampler.guidance_scale = 5.0
-  with pytest.raises(ValueError, match=r'sampler\.guidance_scale: 3\.0 -> '
-                     r'5\.0.*fresh --workdir'):
+  before = config.sampler.guidance_scale
+  config.sampler.guidance_scale = before + 1.0
+  with pytest.raises(ValueError, match=(
+      rf'sampler\.guidance_scale: {before} -> {before + 1.0}.*'
+      'fresh --workdir')):
     stages.run(config, workdir, only=('quality',))
 
 
@@ -156,3 +166,24 @@ def test_reverse_stages_and_reuse_report(tiny_loop):
     assert heading in text
   assert (workdir / 'results' / 'reuse_samples.png').exists()
   assert (workdir / 'results' / 'quality_samples.png').exists()
+
+
+def test_diagnosis_tools_read_the_recorded_config(tiny_loop, tmp_path):
+  """The benchmarks that read a loop workdir take its recorded config (not
+  whatever configs/loop.py now says) and write their numbers."""
+  workdir, _ = tiny_loop
+  recorded = stages.recorded_config(workdir)
+  assert recorded.autoencoder.to_dict() == json.loads(json.dumps(
+      _tiny_config().autoencoder.to_dict()))
+  with pytest.raises(FileNotFoundError, match='No stage records'):
+    stages.recorded_config(tmp_path)
+  repo = pathlib.Path(__file__).resolve().parents[1]
+  for script, extra in (('loop_diagnose.py', ['--num_examples=8',
+                                              '--timesteps=10,900']),
+                        ('loop_guidance.py', ['--num_prompts=4',
+                                              '--scales=1,3'])):
+    output = tmp_path / script.replace('.py', '.json')
+    subprocess.run([sys.executable, str(repo / 'benchmarks' / script),
+                    f'--workdir={workdir}', f'--output={output}', *extra],
+                   check=True, cwd=repo, capture_output=True, timeout=600)
+    assert json.loads(output.read_text())['workdir'] == str(workdir)

@@ -52,6 +52,36 @@ def test_ddim_timesteps_trailing():
   assert len(diffusion.ddim_timesteps(1000, 1000)) == 1000
 
 
+def test_min_snr_weights_cap_the_clean_steps():
+  """ab = 0.9 (SNR 9) is capped at gamma 5: weight 5/9; ab = 0.5 (SNR 1)
+  and the noisier steps keep weight 1."""
+  ab = np.array([0.9, 0.5, 0.1])
+  t = jnp.arange(3)
+  np.testing.assert_allclose(diffusion.loss_weights(t, ab, 'min_snr', 5.0),
+                             [5 / 9, 1.0, 1.0], rtol=1e-6)
+  np.testing.assert_array_equal(diffusion.loss_weights(t, ab, 'uniform'),
+                                np.ones(3))
+  with pytest.raises(ValueError, match='loss weighting'):
+    diffusion.loss_weights(t, ab, 'snr')
+  with pytest.raises(ValueError, match='gamma'):
+    diffusion.loss_weights(t, ab, 'min_snr', 0.0)
+
+
+def test_offset_noise_shifts_each_example_and_channel_as_a_whole():
+  rng = jax.random.key(0)
+  plain = diffusion.training_noise(rng, (64, 8, 8, 4))
+  np.testing.assert_array_equal(plain, jax.random.normal(rng, (64, 8, 8, 4)))
+  offset = diffusion.training_noise(rng, (64, 8, 8, 4), offset=0.5)
+  shift = offset - diffusion.training_noise(jax.random.split(rng)[0],
+                                            (64, 8, 8, 4))
+  # One shift per (example, channel), the same at every position...
+  np.testing.assert_allclose(shift, shift[:, :1, :1, :] * jnp.ones_like(
+      shift), atol=1e-6)
+  # ...drawn N(0, offset^2): its spread over the 256 draws is about 0.5.
+  assert 0.4 < float(jnp.std(shift[:, 0, 0, :])) < 0.6
+  assert float(jnp.std(plain)) == pytest.approx(1.0, abs=0.05)
+
+
 def test_ddim_step_by_hand():
   """One step with made-up numbers, computed on paper."""
   x_t, eps = jnp.array([0.5]), jnp.array([0.2])

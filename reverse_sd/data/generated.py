@@ -346,21 +346,12 @@ class GeneratedPrompts(tfds.core.GeneratorBasedBuilder,
     return epath.Path(__file__)
 
   def _info(self) -> tfds.core.DatasetInfo:
-    size = self.builder_config.image_size
-    features = tfds.features.FeaturesDict({
-        'id': tfds.features.Text(),
-        'image': tfds.features.Image(shape=(size, size, 3),
-                                     encoding_format='png'),
-        'prompt': tfds.features.Text(),
-        'rendered_prompt': tfds.features.Text(),
-        'alignment': tfds.features.Scalar(dtype=np.float32),
-        'render_alignment': tfds.features.Scalar(dtype=np.float32),
-        'attributes': tfds.features.Tensor(
-            shape=(len(synthetic.grammar.ATTRIBUTE_NAMES),), dtype=np.uint8,
-            encoding=tfds.features.Encoding.BYTES),
-        'domain': tfds.features.Text(),
-    })
     config = self.builder_config
+    # The synthetic corpus's features; 'alignment' is the referee's and
+    # 'render_alignment' the grammar's (see the module docstring).
+    features = synthetic.features(
+        config.image_size,
+        render_alignment=tfds.features.Scalar(dtype=np.float32))
     return tfds.core.DatasetInfo(
         builder=self,
         description=__doc__,

@@ -129,6 +129,24 @@ def generate_example(seed: int, split: str, index: int,
   }
 
 
+def features(image_size: int, **extra: tfds.features.FeatureConnector
+             ) -> tfds.features.FeaturesDict:
+  """An example's features (a data set built on this one adds `extra`)."""
+  return tfds.features.FeaturesDict({
+      'id': tfds.features.Text(),
+      'image': tfds.features.Image(shape=(image_size, image_size, 3),
+                                   encoding_format='png'),
+      'prompt': tfds.features.Text(),
+      'rendered_prompt': tfds.features.Text(),
+      'alignment': tfds.features.Scalar(dtype=np.float32),
+      'attributes': tfds.features.Tensor(
+          shape=(len(grammar.ATTRIBUTE_NAMES),), dtype=np.uint8,
+          encoding=tfds.features.Encoding.BYTES),
+      'domain': tfds.features.Text(),
+      **extra,
+  })
+
+
 class SyntheticPrompts(tfds.core.GeneratorBasedBuilder,
                        skip_registration=True):
   """Synthetic prompt/image pairs; see the module docstring.
@@ -149,23 +167,10 @@ class SyntheticPrompts(tfds.core.GeneratorBasedBuilder,
     return epath.Path(__file__)
 
   def _info(self) -> tfds.core.DatasetInfo:
-    size = self.builder_config.image_size
-    features = tfds.features.FeaturesDict({
-        'id': tfds.features.Text(),
-        'image': tfds.features.Image(shape=(size, size, 3),
-                                     encoding_format='png'),
-        'prompt': tfds.features.Text(),
-        'rendered_prompt': tfds.features.Text(),
-        'alignment': tfds.features.Scalar(dtype=np.float32),
-        'attributes': tfds.features.Tensor(
-            shape=(len(grammar.ATTRIBUTE_NAMES),), dtype=np.uint8,
-            encoding=tfds.features.Encoding.BYTES),
-        'domain': tfds.features.Text(),
-    })
     return tfds.core.DatasetInfo(
         builder=self,
         description=__doc__,
-        features=features,
+        features=features(self.builder_config.image_size),
         # Record i is example i, so ids and data-source indices agree.
         disable_shuffling=True,
         metadata=tfds.core.MetadataDict(

@@ -12,6 +12,8 @@ checkpoints or shards. Each stage's record (results and wall time) is in
 
 import logging as std_logging
 import pathlib
+import shlex
+import sys
 
 from absl import app
 from absl import flags
@@ -55,7 +57,9 @@ def main(argv):
                                              '%H:%M:%S'))
   tuning.tune_process()
   records = stages.run(flags.FLAGS.config, flags.FLAGS.workdir,
-                       tuple(flags.FLAGS.stages))
+                       tuple(flags.FLAGS.stages),
+                       command=shlex.join(['python', '-m', 'reverse_sd.loop',
+                                           *sys.argv[1:]]))
   total = sum(r['time_s'] for r in records.values())
   for name, record in records.items():
     print(f'{name:12s} {record["time_s"]:8.1f} s')

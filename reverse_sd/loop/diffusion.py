@@ -9,6 +9,10 @@ holds what is not the network:
                       choice; 'scaled_linear': Stable Diffusion's 0.00085 ..
                       0.012, for latents).
   add_noise           x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps.
+  training_noise      eps for training, with an optional per-channel offset
+                      ("offset noise").
+  loss_weights        per-timestep weights of the epsilon loss ('uniform', or
+                      Min-SNR-gamma, Hang et al. 2023).
   drop_context        conditioning dropout: a random share of the contexts
                       becomes the empty prompt's, so one network learns the
                       conditional and the unconditional model.
@@ -37,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 SCHEDULES = ('linear', 'scaled_linear')
+LOSS_WEIGHTINGS = ('uniform', 'min_snr')
 MAX_GUIDANCE_SCALE = 50.0
 
 
@@ -75,6 +80,45 @@ def add_noise(x0_BxHxWxC, noise_BxHxWxC, timesteps_B, alphas_cumprod):
   ab = jnp.asarray(alphas_cumprod, jnp.float32)[timesteps_B]
   ab = ab.reshape(-1, *([1] * (x0_BxHxWxC.ndim - 1)))
   return jnp.sqrt(ab) * x0_BxHxWxC + jnp.sqrt(1.0 - ab) * noise_BxHxWxC
+
+
+def training_noise(rng, shape: tuple[int, ...], offset: float = 0.0):
+  """Training noise: N(0, I) plus `offset` x one N(0, 1) draw per example and
+  channel, shared by all positions ("offset noise", Guttenberg 2023).
+
+  At t = T-1 the scaled_linear schedule keeps sqrt(alpha_bar) ~ 0.07 of the
+  image, and averaged over a whole latent that is enough to read its mean
+  colour off x_t: a model trained on plain noise takes a background's
+  colour from the noise it starts from, not from the prompt. The offset
+  makes the mean of x_t uninformative, so the prompt must set it.
+  """
+  if not offset:
+    return jax.random.normal(rng, shape)
+  rng_pixel, rng_offset = jax.random.split(rng)
+  return jax.random.normal(rng_pixel, shape) + offset * jax.random.normal(
+      rng_offset, (shape[0],) + (1,) * (len(shape) - 2) + (shape[-1],))
+
+
+def loss_weights(timesteps_B, alphas_cumprod, weighting: str,
+                 gamma: float = 5.0):
+  """Per-example weights of the epsilon-prediction loss at `timesteps_B`.
+
+  'uniform': 1 (DDPM's simple loss). 'min_snr': min(SNR_t, gamma) / SNR_t
+  with SNR_t = ab_t / (1 - ab_t) (Min-SNR-gamma, Hang et al. 2023). The
+  epsilon loss weighs the x_0 error by SNR_t, so the nearly clean steps
+  dominate its gradient; capping the weight at gamma gives the noisy steps,
+  where colour and layout are decided, their share.
+  """
+  if weighting not in LOSS_WEIGHTINGS:
+    raise ValueError(f'loss weighting {weighting!r}; expected one of '
+                     f'{LOSS_WEIGHTINGS}')
+  if weighting == 'uniform':
+    return jnp.ones(timesteps_B.shape, jnp.float32)
+  if not gamma > 0:
+    raise ValueError(f'min_snr gamma must be positive, got {gamma}')
+  ab = jnp.asarray(alphas_cumprod, jnp.float32)[timesteps_B]
+  snr = ab / (1.0 - ab)
+  return jnp.minimum(snr, gamma) / snr
 
 
 def drop_context(rng, context_BxTxD, null_context_TxD, drop_rate: float):

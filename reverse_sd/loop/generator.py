@@ -3,7 +3,7 @@
 Stable Diffusion's design at a size that trains on two CPU cores:
 
   autoencoder   `models/autoencoder.AutoencoderKL`, a small KL autoencoder
-                (64 px RGB <-> 16 x 16 x 4 latents), trained here on the
+                (64 px RGB <-> 16 x 16 x 8 latents), trained here on the
                 rendered corpus; its latents are scaled to unit variance
                 (SD's `scaling_factor`, measured on the training images).
   text encoder  the frozen all-MiniLM-L6-v2 (`reverse_sd.text.minilm`): the
@@ -83,7 +83,8 @@ def unet_config(config: ml_collections.ConfigDict) -> sd_unet.UNetConfig:
       # The prompt's sentence embedding (pooled from the context) added to
       # the time embedding: diffusers' class_embed_type='projection'.
       projection_class_embeddings_input_dim=(
-          minilm.EMBEDDING_DIM if gen.pooled_text_embedding else None))
+          minilm.EMBEDDING_DIM if gen.get('pooled_text_embedding', False)
+          else None))
 
 
 def noise_schedule(config: ml_collections.ConfigDict) -> diffusion.Schedule:
@@ -150,24 +151,37 @@ def init_autoencoder(config) -> tuple[autoencoder_lib.AutoencoderKL, Any]:
   return model, params
 
 
-def train_autoencoder(workdir: pathlib.Path, images_NxHxWx3: np.ndarray,
-                      config: ml_collections.ConfigDict) -> tuple[Any, float]:
-  """Trains the KL autoencoder; returns (EMA params, latent scaling factor).
-
-  Loss: L1 reconstruction + `kl_weight` x the KL to N(0, I) (SD's recipe
-  without the perceptual and adversarial terms). The scaling factor is
-  1 / std of the latent means over up to 2,000 training images.
-  """
+def autoencoder_loss_fn(model: autoencoder_lib.AutoencoderKL,
+                        config: ml_collections.ConfigDict
+                        ) -> trainer.LossFn:
+  """The autoencoder's loss (see `train_autoencoder`) as (params, batch,
+  rng) -> (loss, metrics); batch['images'] uint8 [B, H, W, 3]."""
   ae = config.autoencoder
-  model, params = init_autoencoder(config)
 
   def loss_fn(params, batch, rng):
     images = _to_unit(batch['images'])
     recon, mean, logvar = model.apply({'params': params}, images, rng)
     l1 = jnp.abs(recon - images).mean()
+    mse = jnp.square(recon - images).mean()
     kl = 0.5 * (mean**2 + jnp.exp(logvar) - 1.0 - logvar).mean()
-    return l1 + ae.kl_weight * kl, {'l1': l1, 'kl': kl}
+    loss = l1 + ae.mse_weight * mse + ae.kl_weight * kl
+    return loss, {'l1': l1, 'mse': mse, 'kl': kl}
+  return loss_fn
 
+
+def train_autoencoder(workdir: pathlib.Path, images_NxHxWx3: np.ndarray,
+                      config: ml_collections.ConfigDict) -> tuple[Any, float]:
+  """Trains the KL autoencoder; returns (EMA params, latent scaling factor).
+
+  Loss: L1 + `mse_weight` x MSE reconstruction + `kl_weight` x the KL to
+  N(0, I) (SD's recipe with a squared term in place of the perceptual and
+  adversarial ones: L1 alone lets a small object's colour go, since the
+  background's pixels outnumber it). The scaling factor is
+  1 / std of the latent means over up to 2,000 training images.
+  """
+  ae = config.autoencoder
+  model, params = init_autoencoder(config)
+  loss_fn = autoencoder_loss_fn(model, config)
   make_batch = _index_stream(len(images_NxHxWx3), ae.batch_size,
                              config.seed, lambda idx: {
                                  'images': images_NxHxWx3[idx]})
@@ -243,12 +257,50 @@ def init_denoiser(config) -> tuple[diffusion_unet.DiffusionUNet, Any]:
   return model, params
 
 
+def denoiser_loss_fn(model: diffusion_unet.DiffusionUNet,
+                     config: ml_collections.ConfigDict,
+                     null_context_LxD: np.ndarray | jax.Array,
+                     trainable: str = '') -> trainer.LossFn:
+  """The denoiser's loss (see `train_denoiser`) as (params, batch, rng) ->
+  (loss, metrics); batch: 'latents' [B, h, w, C] and 'contexts' [B, L, D].
+
+  Epsilon prediction at uniform random timesteps, weighted per example by
+  `diffusion.loss_weights` (`config.generator.loss_weighting`), with
+  conditioning dropout to `null_context_LxD`. `trainable='decoder'` stops
+  the gradient at `params['encoder']`.
+  """
+  gen = config.generator
+  alphas = noise_schedule(config).alphas_cumprod()
+  null = jnp.asarray(null_context_LxD, jnp.float32)
+
+  def loss_fn(params, batch, rng):
+    if trainable == 'decoder':
+      params = dict(params, **{diffusion_unet.ENCODER: jax.lax.stop_gradient(
+          params[diffusion_unet.ENCODER])})
+    rng_t, rng_noise, rng_drop = jax.random.split(rng, 3)
+    x0 = batch['latents']
+    t = jax.random.randint(rng_t, (x0.shape[0],), 0, gen.num_train_timesteps)
+    noise = diffusion.training_noise(rng_noise, x0.shape, gen.noise_offset)
+    context = diffusion.drop_context(
+        rng_drop, batch['contexts'].astype(jnp.float32), null,
+        gen.context_dropout)
+    eps = model.apply({'params': params}, diffusion.add_noise(x0, noise, t,
+                                                              alphas),
+                      t, context)
+    mse_B = jnp.mean((eps - noise)**2, axis=(1, 2, 3))
+    weights_B = diffusion.loss_weights(t, alphas, gen.loss_weighting,
+                                       gen.min_snr_gamma)
+    return jnp.mean(weights_B * mse_B), {'mse': jnp.mean(mse_B)}
+  return loss_fn
+
+
 def train_denoiser(workdir: pathlib.Path, latents_NxhxwxC: np.ndarray,
                    contexts_NxLxD: np.ndarray, null_context_LxD: np.ndarray,
                    config: ml_collections.ConfigDict, *,
                    init_params: Any = None,
                    trainable: str = '') -> tuple[Any, Any]:
-  """Trains the denoiser (epsilon prediction, conditioning dropout).
+  """Trains the denoiser (epsilon prediction, conditioning dropout, the
+  per-timestep loss weights of `config.generator.loss_weighting`).
 
   Args:
     workdir: the run's folder.
@@ -268,26 +320,7 @@ def train_denoiser(workdir: pathlib.Path, latents_NxhxwxC: np.ndarray,
   if init_params is not None:
     trainer.check_fits(init_params, params, 'init_params')
     params = init_params
-  alphas = noise_schedule(config).alphas_cumprod()
-  null = jnp.asarray(null_context_LxD, jnp.float32)
-
-  def loss_fn(params, batch, rng):
-    if trainable == 'decoder':
-      params = dict(params, **{diffusion_unet.ENCODER: jax.lax.stop_gradient(
-          params[diffusion_unet.ENCODER])})
-    rng_t, rng_noise, rng_drop = jax.random.split(rng, 3)
-    x0 = batch['latents']
-    t = jax.random.randint(rng_t, (x0.shape[0],), 0, gen.num_train_timesteps)
-    noise = jax.random.normal(rng_noise, x0.shape)
-    context = diffusion.drop_context(
-        rng_drop, batch['contexts'].astype(jnp.float32), null,
-        gen.context_dropout)
-    eps = model.apply({'params': params}, diffusion.add_noise(x0, noise, t,
-                                                              alphas),
-                      t, context)
-    mse = jnp.mean((eps - noise)**2)
-    return mse, {'mse': mse}
-
+  loss_fn = denoiser_loss_fn(model, config, null_context_LxD, trainable)
   make_batch = _index_stream(len(latents_NxhxwxC), gen.batch_size,
                              config.seed, lambda idx: {
                                  'latents': latents_NxhxwxC[idx],
@@ -336,8 +369,11 @@ class Generator:
 
   def _sample_fn(self, unet_params, ae_params, keys, contexts, num_steps,
                  guidance_scale):
-    noise = jax.vmap(lambda k: jax.random.normal(
-        k, latent_shape(self.config)))(keys)
+    # x_T as the denoiser saw it in training (with its offset noise; none
+    # in the records of loops from before the option).
+    offset = self.config.generator.get('noise_offset', 0.0)
+    noise = jax.vmap(lambda k: diffusion.training_noise(
+        k, (1, *latent_shape(self.config)), offset)[0])(keys)
     denoise = lambda x, t, c: self.unet.apply({'params': unet_params}, x, t,
                                               c)
     latents = diffusion.sample(denoise, noise, contexts.astype(jnp.float32),

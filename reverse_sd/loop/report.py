@@ -7,6 +7,7 @@ yet is named as missing.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 import json
 import pathlib
 from typing import Any
@@ -51,15 +52,18 @@ def _fmt(value: float | None) -> str:
 
 def quality_table(record: dict[str, Any], referee_record: dict[str, Any]
                   ) -> list[str]:
-  """The referee's accuracy per attribute: generated, rendered, chance."""
+  """The referee's accuracy per attribute: generated, the autoencoder's
+  round trip of the rendered images, rendered, chance."""
   uniform = referee_record.get('uniform_chance', {})
-  lines = ['| attribute | generated | rendered | majority | uniform |',
-           '|---|---|---|---|---|']
+  reconstructed = record.get('reconstructed_accuracy', {})
+  lines = ['| attribute | generated | autoencoded | rendered | majority | '
+           'uniform |', '|---|---|---|---|---|---|']
   for group in referee_lib.GROUPS:
     if group not in record['generated_accuracy']:
       continue
     lines.append(
         f"| {group} | {_fmt(record['generated_accuracy'][group])} | "
+        f"{_fmt(reconstructed.get(group))} | "
         f"{_fmt(record['rendered_accuracy'].get(group))} | "
         f"{_fmt(record['chance'].get(group))} | {_fmt(uniform.get(group))} |")
   return lines
@@ -146,9 +150,11 @@ def write(workdir: str | pathlib.Path, records: dict[str, dict[str, Any]],
     q = records['quality']
     lines += ['## Generator quality (stage 3)', '',
               f"The referee's per-attribute accuracy on {q['num_prompts']} "
-              'held-out prompts: their generated images, the rendered '
-              "images of the same prompts, and two chance levels (the "
-              'majority value; one over the number of values). Sampling: '
+              'held-out prompts: their generated images, the autoencoder\'s '
+              'round trip of their rendered images (the most a generator in '
+              'its latent space can score), the rendered images, and two '
+              'chance levels (the majority value; one over the number of '
+              'values). Gate: colour >= 0.70 and shape >= 0.50. Sampling: '
               f"{q['images_per_s']:.1f} images/s.", '']
     lines += quality_table(q, records['referee']) + ['']
     if (workdir / RESULTS_DIR / QUALITY_PICTURE).exists():
@@ -200,6 +206,11 @@ def write(workdir: str | pathlib.Path, records: dict[str, dict[str, Any]],
   return out
 
 
-def load_records(workdir: str | pathlib.Path) -> dict[str, dict[str, Any]]:
-  return {p.stem: json.loads(p.read_text()) for p in
-          sorted((pathlib.Path(workdir) / 'stages').glob('*.json'))}
+def load_records(workdir: str | pathlib.Path, order: Sequence[str] = ()
+                 ) -> dict[str, dict[str, Any]]:
+  """The stage records in `workdir`, in `order` (the loop's stage order),
+  then any others by name."""
+  paths = sorted((pathlib.Path(workdir) / 'stages').glob('*.json'),
+                 key=lambda p: (list(order).index(p.stem) if p.stem in order
+                                else len(order), p.stem))
+  return {p.stem: json.loads(p.read_text()) for p in paths}

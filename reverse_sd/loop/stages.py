@@ -10,7 +10,9 @@
   referee      the attribute classifier on the rendered training images,
                scored on the rendered test split.
   quality      generated images for the held-out test prompts, scored by the
-               referee against chance and against the rendered images.
+               referee against chance, against the rendered images and
+               against their autoencoder round trip (the latent space's
+               ceiling).
   generated    the generated data set (`reverse_sd.data.generated`): the
                generator's images for the second build's prompts, with the
                referee's per-example alignment.
@@ -301,9 +303,19 @@ def stage_quality(loop: Loop) -> dict[str, Any]:
   images = loop.sample(test['prompts'], seeds)
   sample_s = time.perf_counter() - began
   labels = referee_lib.labels_from_attributes(test['attributes'])
+  # The autoencoder's round trip of the rendered images: the most a
+  # generator in its latent space can score.
+  ae_params, scaling = loop.autoencoder
+  model, _ = generator_lib.init_autoencoder(loop.config)
+  reconstructed = generator_lib.decode_latents(
+      model, ae_params, generator_lib.encode_images(
+          model, ae_params, test['images'], scaling_factor=scaling),
+      scaling_factor=scaling)
   out = {
       'generated_accuracy': referee_lib.accuracy(
           loop.referee.predict(images), labels),
+      'reconstructed_accuracy': referee_lib.accuracy(
+          loop.referee.predict(reconstructed), labels),
       'rendered_accuracy': referee_lib.accuracy(
           loop.referee.predict(test['images']), labels),
       'chance': referee_lib.chance(labels),
@@ -364,9 +376,32 @@ STAGES: tuple[tuple[str, Callable[[Loop], dict[str, Any]]], ...] = (
 )
 
 
+def recorded_config(workdir: str | pathlib.Path) -> ml_collections.ConfigDict:
+  """The config a workdir's loop ran with, from its first stage record (for
+  tools that read a finished loop, whatever `configs/loop.py` now says)."""
+  found = False
+  for name, _ in STAGES:
+    path = pathlib.Path(workdir) / STAGES_DIR / f'{name}.json'
+    if path.exists():
+      found = True
+      record = json.loads(path.read_text())
+      if 'config' in record:
+        return ml_collections.ConfigDict(record['config'])
+  if found:
+    raise ValueError(f'The stage records in {workdir}/{STAGES_DIR} hold no '
+                     'config (written before the loop recorded it).')
+  raise FileNotFoundError(f'No stage records in {workdir}/{STAGES_DIR}: run '
+                          '`python -m reverse_sd.loop` there first.')
+
+
 def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
-        only: tuple[str, ...] = ()) -> dict[str, dict[str, Any]]:
-  """Runs every stage (or those in `only`) in order; returns their records."""
+        only: tuple[str, ...] = (), command: str = ''
+        ) -> dict[str, dict[str, Any]]:
+  """Runs every stage (or those in `only`) in order; returns their records.
+
+  `command` is the command line the report names (default: the plain
+  `python -m reverse_sd.loop --workdir=...`).
+  """
   known = [name for name, _ in STAGES]
   unknown = sorted(set(only) - set(known))
   if unknown:
@@ -377,8 +412,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
     if only and name not in only:
       continue
     records[name] = loop.run_stage(name, functools.partial(fn, loop))
-  path = report.write(workdir, report.load_records(workdir),
-                      f'python -m reverse_sd.loop --workdir={workdir}')
+  command = command or f'python -m reverse_sd.loop --workdir={workdir}'
+  path = report.write(workdir, report.load_records(workdir, known), command)
   logging.info('Report: %s', path)
   return records
 

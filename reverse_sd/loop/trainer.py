@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 import dataclasses
+import functools
 import json
 import logging
 import pathlib
@@ -33,6 +34,11 @@ import optax
 from reverse_sd import checkpointing
 from reverse_sd import optim
 from reverse_sd import sharding
+
+
+# (params, batch, rng) -> (scalar loss, metrics dict).
+LossFn = Callable[[Any, dict[str, jax.Array], jax.Array],
+                  tuple[jax.Array, dict[str, jax.Array]]]
 
 
 @flax.struct.dataclass
@@ -57,7 +63,8 @@ class Schedule:
   log_every: int = 100
 
 
-def _optimizer(schedule: Schedule):
+def optimizer(schedule: Schedule):
+  """(AdamW with clipping, its learning-rate schedule) for `schedule`."""
   lr = optim.learning_rate_schedule(ml_collections.ConfigDict(dict(
       lr=schedule.lr, warmup_fraction=schedule.warmup_fraction,
       end_lr_fraction=schedule.end_lr_fraction)), schedule.steps)
@@ -65,13 +72,70 @@ def _optimizer(schedule: Schedule):
                      optax.adamw(lr, weight_decay=schedule.weight_decay)), lr
 
 
+def initial_state(params: Any, tx: optax.GradientTransformation
+                  ) -> LoopState:
+  """Step 0: `params` as the parameters and the EMA (separate buffers: the
+  step donates the whole state) and the optimiser's initial state."""
+  copy = lambda tree: jax.tree.map(lambda x: jnp.array(x, copy=True), tree)
+  return LoopState(step=jnp.zeros((), jnp.int32), params=copy(params),
+                   ema_params=copy(params), opt_state=tx.init(params))
+
+
+def abstract_state(params: Any, tx: optax.GradientTransformation
+                   ) -> LoopState:
+  """`initial_state`'s shapes and dtypes (`params` may be abstract)."""
+  return jax.eval_shape(functools.partial(initial_state, tx=tx), params)
+
+
+def state_shardings(mesh: jax.sharding.Mesh, state: Any) -> Any:
+  """The state's shardings: every leaf replicated over `mesh`."""
+  replicated = sharding.replicated(mesh)
+  return jax.tree.map(lambda _: replicated, state)
+
+
+def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
+                    lr: optax.Schedule, ema_decay: float, seed: int,
+                    mesh: jax.sharding.Mesh, shardings: Any):
+  """The jitted (state, batch) -> (state, metrics) step of `train`.
+
+  The state, sharded as `shardings`, is donated; the batch is split over
+  the mesh's batch axes; the metrics (with 'loss', 'lr' and 'grad_norm'
+  added) come back replicated.
+
+  Args:
+    loss_fn: (params, batch, rng) -> (scalar loss, metrics dict).
+    tx: the optimiser (`optimizer`).
+    lr: its learning-rate schedule.
+    ema_decay: the decay of the parameters' moving average.
+    seed: step s draws from `fold_in(key(seed), s)`.
+    mesh: the device mesh.
+    shardings: the state's shardings (`state_shardings`).
+  """
+
+  def step_fn(state, batch):
+    rng = jax.random.fold_in(jax.random.key(seed), state.step)
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params, batch, rng)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    ema = optax.incremental_update(params, state.ema_params,
+                                   1.0 - ema_decay)
+    metrics = dict(metrics, loss=loss, lr=lr(state.step),
+                   grad_norm=optax.tree.norm(grads))
+    return LoopState(state.step + 1, params, ema, opt_state), metrics
+
+  return jax.jit(step_fn, in_shardings=(shardings,
+                                        sharding.batch_sharding(mesh)),
+                 out_shardings=(shardings, sharding.replicated(mesh)),
+                 donate_argnums=0)
+
+
 def _done_file(workdir: pathlib.Path) -> pathlib.Path:
   return workdir / 'train_done.json'
 
 
 def train(workdir: str | pathlib.Path, *, name: str, init_params: Any,
-          loss_fn: Callable[[Any, dict[str, jax.Array], jax.Array],
-                            tuple[jax.Array, dict[str, jax.Array]]],
+          loss_fn: LossFn,
           make_batch: Callable[[int], dict[str, np.ndarray]],
           schedule: Schedule, seed: int = 0,
           mesh: jax.sharding.Mesh | None = None) -> tuple[Any, Any]:
@@ -93,22 +157,17 @@ def train(workdir: str | pathlib.Path, *, name: str, init_params: Any,
   if schedule.steps < 1:
     raise ValueError(f'{name}: steps must be positive, got {schedule.steps}')
   mesh = mesh or sharding.make_mesh(('data',), (-1,))
-  tx, lr = _optimizer(schedule)
-  replicated = sharding.replicated(mesh)
-  copy = lambda tree: jax.tree.map(lambda x: jnp.array(x, copy=True), tree)
-  # Separate buffers: the step donates the whole state.
-  state = LoopState(step=jnp.zeros((), jnp.int32), params=copy(init_params),
-                    ema_params=copy(init_params),
-                    opt_state=tx.init(init_params))
-  state_shardings = jax.tree.map(lambda _: replicated, state)
-  state = jax.device_put(state, state_shardings)
+  tx, lr = optimizer(schedule)
+  state = initial_state(init_params, tx)
+  shardings = state_shardings(mesh, state)
+  state = jax.device_put(state, shardings)
   manager = checkpointing.create_manager(workdir, max_to_keep=2)
   start = 0
   if manager.latest_step() is not None:
     abstract = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
     state, _ = checkpointing.restore(manager, manager.latest_step(),
-                                     abstract, state_shardings)
+                                     abstract, shardings)
     start = checkpointing.step_of(state)
     if start >= schedule.steps:
       manager.close()
@@ -121,22 +180,8 @@ def train(workdir: str | pathlib.Path, *, name: str, init_params: Any,
     logging.info('%s: resuming at step %d of %d.', name, start,
                  schedule.steps)
 
-  def step_fn(state, batch):
-    rng = jax.random.fold_in(jax.random.key(seed), state.step)
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params, batch, rng)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    ema = optax.incremental_update(params, state.ema_params,
-                                   1.0 - schedule.ema_decay)
-    metrics = dict(metrics, loss=loss, lr=lr(state.step),
-                   grad_norm=optax.tree.norm(grads))
-    return LoopState(state.step + 1, params, ema, opt_state), metrics
-
-  step_jit = jax.jit(step_fn, in_shardings=(state_shardings,
-                                            sharding.batch_sharding(mesh)),
-                     out_shardings=(state_shardings, replicated),
-                     donate_argnums=0)
+  step_jit = make_train_step(loss_fn, tx, lr, schedule.ema_decay, seed,
+                             mesh, shardings)
   began = time.perf_counter()
   window = time.perf_counter()
   try:
