@@ -143,12 +143,9 @@ def test_autoencoder_train_step_lowers(config, mesh, ae_params, platform):
   assert FUSED_KERNEL[platform] not in text
 
 
-@pytest.mark.parametrize('platform', PLATFORMS)
-def test_denoiser_train_step_lowers(config, mesh, unet_params, platform):
-  """The loop's U-Net (float32, XLA attention at its 4x4 stage) with
-  conditioning dropout and the Min-SNR loss weights."""
-  model = diffusion_unet.DiffusionUNet(generator.unet_config(config))
-  assert model.attention.implementation == attention_ops.XLA
+def _denoiser_step_module(model, config, mesh, unet_params, platform):
+  """The lowered train step of `model` on the denoiser's loss: latents and
+  float16 MiniLM contexts, split over the mesh."""
   length = config.text.context_length
   batch = {
       'latents': _batch_spec(generator.latent_shape(config), jnp.float32,
@@ -156,8 +153,17 @@ def test_denoiser_train_step_lowers(config, mesh, unet_params, platform):
       'contexts': _batch_spec((length, minilm.EMBEDDING_DIM), jnp.float16,
                               mesh)}
   loss_fn = generator.denoiser_loss_fn(model, config, _null_context(config))
-  text = _train_step_module(loss_fn, unet_params, batch, config.generator,
+  return _train_step_module(loss_fn, unet_params, batch, config.generator,
                             mesh, platform, ('mse',))
+
+
+@pytest.mark.parametrize('platform', PLATFORMS)
+def test_denoiser_train_step_lowers(config, mesh, unet_params, platform):
+  """The loop's U-Net (float32, XLA attention at its 4x4 stage) with
+  conditioning dropout and the Min-SNR loss weights."""
+  model = diffusion_unet.DiffusionUNet(generator.unet_config(config))
+  assert model.attention.implementation == attention_ops.XLA
+  text = _denoiser_step_module(model, config, mesh, unet_params, platform)
   assert FUSED_KERNEL[platform] not in text
 
 
@@ -172,15 +178,7 @@ def test_denoiser_with_the_platforms_auto_attention_lowers_fused(
   model = diffusion_unet.DiffusionUNet(generator.unet_config(config),
                                        dtype=jnp.bfloat16,
                                        attention=attention)
-  length = config.text.context_length
-  batch = {
-      'latents': _batch_spec(generator.latent_shape(config), jnp.float32,
-                             mesh),
-      'contexts': _batch_spec((length, minilm.EMBEDDING_DIM), jnp.float16,
-                              mesh)}
-  loss_fn = generator.denoiser_loss_fn(model, config, _null_context(config))
-  text = _train_step_module(loss_fn, unet_params, batch, config.generator,
-                            mesh, platform, ('mse',))
+  text = _denoiser_step_module(model, config, mesh, unet_params, platform)
   assert FUSED_KERNEL[platform] in text, (
       f"'auto' attention on {platform} fell back to XLA at the loop's shapes")
 
