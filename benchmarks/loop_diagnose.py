@@ -11,8 +11,8 @@ prints two tables over the first `num_examples` held-out (test) examples:
   ceiling      the referee's per-attribute accuracy on the rendered images
                and on their autoencoder round trip: what no denoiser in that
                latent space can beat.
-  conditioning the denoiser's epsilon MSE at each timestep with the prompt's
-               own context, another prompt's (shuffled) and the empty
+  conditioning the denoiser's MSE on its target (the noise, or v) at each
+               timestep with the prompt's own context, another prompt's (shuffled) and the empty
                prompt's: how much the prompt lowers the loss where.
 """
 
@@ -37,10 +37,12 @@ BATCH = 250
 
 
 def conditioning_losses(loop, latents, contexts, timesteps, seed=0):
-  """{t: {'own', 'shuffled', 'empty': epsilon MSE}} over the examples."""
+  """{t: {'own', 'shuffled', 'empty': MSE}} over the examples, on the
+  denoiser's target (`config.generator.prediction`)."""
   model, _ = generator_lib.init_denoiser(loop.config)
   apply = jax.jit(lambda p, x, t, c: model.apply({'params': p}, x, t, c))
-  alphas = generator_lib.noise_schedule(loop.config).alphas_cumprod()
+  schedule = generator_lib.noise_schedule(loop.config)
+  alphas = schedule.alphas_cumprod()
   n = len(latents)
   shuffled = contexts[np.random.default_rng(seed).permutation(n)]
   empty = np.broadcast_to(loop.null_context, contexts.shape)
@@ -53,11 +55,13 @@ def conditioning_losses(loop, latents, contexts, timesteps, seed=0):
                                 x0.shape)
       tt = jnp.full((len(x0),), t, jnp.int32)
       xt = diffusion.add_noise(x0, noise, tt, alphas)
+      target = diffusion.training_target(x0, noise, tt, alphas,
+                                         schedule.prediction)
       for name, c in (('own', contexts), ('shuffled', shuffled),
                       ('empty', empty)):
-        eps = apply(loop.denoiser_params, xt, tt,
+        out = apply(loop.denoiser_params, xt, tt,
                     jnp.asarray(c[start:start + BATCH], jnp.float32))
-        sums[name] += float(jnp.sum(jnp.mean((eps - noise)**2,
+        sums[name] += float(jnp.sum(jnp.mean((out - target)**2,
                                              axis=(1, 2, 3))))
     out[int(t)] = {k: v / n for k, v in sums.items()}
   return out
@@ -91,6 +95,7 @@ def main() -> None:
       [[name, *(acc[g] for g in referee_lib.GROUPS)]
        for name, acc in ceiling.items()]))
   contexts = loop.contexts(test['prompts'][:n])
+  prediction = generator_lib.noise_schedule(loop.config).prediction
   losses = conditioning_losses(
       loop, latents, contexts, [int(t) for t in args.timesteps.split(',')])
   print(common.format_table(
@@ -98,7 +103,7 @@ def main() -> None:
       [[t, v['own'], v['shuffled'], v['empty']] for t, v in losses.items()]))
   common.write_json(args.output, {
       'workdir': args.workdir, 'num_examples': n, 'ceiling': ceiling,
-      'epsilon_mse': losses, 'machine': common.machine(),
+      'prediction': prediction, f'{prediction}_mse': losses, 'machine': common.machine(),
       'git': common.git_revision(), 'date': common.now()})
 
 

@@ -41,6 +41,10 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
       layers_per_block=1, num_attention_heads=(2, 4, 4), norm_num_groups=8,
       schedule='scaled_linear', num_train_timesteps=1000, beta_start=0.00085,
       beta_end=0.012, context_dropout=0.1,
+      # What the denoiser predicts: 'epsilon' (the noise) or 'v'. A zero
+      # terminal SNR (Lin et al. 2024; needs 'v') makes the first sampling
+      # step start from pure noise (`diffusion.Schedule`).
+      prediction='epsilon', zero_terminal_snr=False,
       # Epsilon-loss weights over timesteps: 'uniform' or 'min_snr' (capped
       # at `min_snr_gamma`, so the noisy steps that fix colour and layout
       # are not drowned by the nearly clean ones).

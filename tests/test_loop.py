@@ -83,6 +83,38 @@ def test_rerun_with_another_config_names_the_change(tiny_loop):
     stages.run(config, workdir, only=('quality',))
 
 
+def test_a_generator_setting_keeps_the_stages_that_do_not_read_it(
+    tiny_loop):
+  workdir, records = tiny_loop
+  config = _tiny_config()
+  config.unlock()
+  config.generator.lr *= 2
+  kept = stages.run(config, workdir,
+                    only=('corpus', 'autoencoder', 'referee'))
+  assert kept == {k: json.loads(json.dumps(records[k])) for k in kept}
+  with pytest.raises(ValueError, match=r'Stage generator .*generator\.lr'):
+    stages.run(config, workdir, only=('generator',))
+
+
+@pytest.mark.parametrize('section,key,value,match', [
+    ('autoencoder', 'mse_weight', -1.0, 'mse_weight=-1.0 must be'),
+    ('autoencoder', 'kl_weight', float('nan'), 'kl_weight=nan must be'),
+    ('generator', 'noise_offset', -0.1, 'noise offset -0.1 must be'),
+    ('generator', 'prediction', 'x0', "prediction 'x0'"),
+    ('generator', 'zero_terminal_snr', True, "needs prediction='v'"),
+])
+def test_bad_loss_settings_fail_before_training(section, key, value, match):
+  config = _tiny_config()
+  config.unlock()
+  config[section][key] = value
+  null = np.zeros((config.text.context_length, 384), np.float32)
+  with pytest.raises(ValueError, match=match):
+    if section == 'autoencoder':
+      generator.autoencoder_loss_fn(None, config)
+    else:
+      generator.denoiser_loss_fn(None, config, null)
+
+
 def test_unknown_stage_is_refused(tiny_loop):
   workdir, _ = tiny_loop
   with pytest.raises(ValueError, match="Unknown stage.*'generatr'"):

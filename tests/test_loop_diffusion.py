@@ -67,6 +67,79 @@ def test_min_snr_weights_cap_the_clean_steps():
     diffusion.loss_weights(t, ab, 'min_snr', 0.0)
 
 
+def test_zero_terminal_snr_rescaling():
+  """Lin et al. 2024: sqrt(alpha_bar) keeps its first value, ends at 0,
+  and stays linear in the original's."""
+  plain = diffusion.Schedule('scaled_linear', 1000, 0.00085, 0.012)
+  rescaled = dataclasses.replace(plain, zero_terminal_snr=True,
+                                 prediction='v')
+  root, new = np.sqrt(plain.alphas_cumprod()), np.sqrt(
+      rescaled.alphas_cumprod())
+  assert new[-1] == 0.0 and new[0] == pytest.approx(root[0], rel=1e-12)
+  np.testing.assert_allclose(new, (root - root[-1]) / (root[0] - root[-1])
+                             * root[0], rtol=1e-12, atol=1e-15)
+  assert np.all(np.diff(new) < 0)
+  with pytest.raises(ValueError, match="needs prediction='v'"):
+    dataclasses.replace(plain, zero_terminal_snr=True)
+  with pytest.raises(ValueError, match='prediction'):
+    dataclasses.replace(plain, prediction='x0')
+
+
+def test_v_target_and_its_ddim_step_by_hand():
+  """v = sqrt(ab) eps - sqrt(1 - ab) x0; the v step recovers x0 and eps
+  from (x_t, v) and matches the epsilon step given the true noise."""
+  x0, eps = jnp.array([[0.3]]), jnp.array([[-0.7]])
+  ab = np.array([0.64])  # sqrt 0.8, sqrt(1 - ab) 0.6.
+  t = jnp.array([0])
+  v = diffusion.training_target(x0, eps, t, ab, 'v')
+  np.testing.assert_allclose(v, [[0.8 * -0.7 - 0.6 * 0.3]], rtol=1e-6)
+  np.testing.assert_array_equal(
+      diffusion.training_target(x0, eps, t, ab, 'epsilon'), eps)
+  x_t = diffusion.add_noise(x0, eps, t, ab)
+  for ab_prev in (0.81, 1.0):
+    np.testing.assert_allclose(
+        diffusion.ddim_step(x_t, v, 0.64, ab_prev, False, 'v'),
+        diffusion.ddim_step(x_t, eps, 0.64, ab_prev, False, 'epsilon'),
+        rtol=1e-5)
+  # At SNR 0 (x_t is the noise) the v step's x0 is -v.
+  np.testing.assert_allclose(
+      diffusion.ddim_step(jnp.array([0.4]), jnp.array([-0.25]), 0.0, 1.0,
+                          False, 'v'), [0.25], rtol=1e-6)
+
+
+def test_v_min_snr_weights_keep_the_pure_noise_step():
+  """v: min(SNR + 1, gamma) / (SNR + 1); SNR 0 keeps weight 1."""
+  ab = np.array([0.9, 0.5, 0.0])  # SNR 9, 1, 0.
+  t = jnp.arange(3)
+  np.testing.assert_allclose(
+      diffusion.loss_weights(t, ab, 'min_snr', 5.0, prediction='v'),
+      [0.5, 1.0, 1.0], rtol=1e-6)
+
+
+def test_v_sampler_from_pure_noise_with_oracle():
+  """Zero terminal SNR: the first step's input is all noise, and an oracle
+  v model lands on x_0 in one step or several."""
+  schedule = diffusion.Schedule('scaled_linear', 100, 0.00085, 0.012,
+                                zero_terminal_snr=True, prediction='v')
+  ab = schedule.alphas_cumprod()
+  x0 = jnp.linspace(-0.9, 0.9, 2 * 4 * 4 * 3).reshape(2, 4, 4, 3)
+  noise = jax.random.normal(jax.random.key(0), x0.shape)
+  x_t = diffusion.add_noise(x0, noise, jnp.array([99, 99]), ab)
+  np.testing.assert_allclose(x_t, noise, atol=1e-6)
+
+  def oracle(x, t, context):
+    del context
+    a = jnp.asarray(ab, jnp.float32)[t][:, None, None, None]
+    eps = (x - jnp.sqrt(a) * x0) / jnp.sqrt(1 - a)
+    return jnp.sqrt(a) * eps - jnp.sqrt(1 - a) * x0
+
+  for steps in (1, 5):
+    out = diffusion.sample(oracle, x_t, jnp.zeros((2, 3, 5)),
+                           jnp.zeros((3, 5)), schedule=schedule,
+                           num_steps=steps, guidance_scale=1.0, clip=False)
+    np.testing.assert_allclose(out, x0, atol=1e-4)
+
+
 def test_offset_noise_shifts_each_example_and_channel_as_a_whole():
   rng = jax.random.key(0)
   plain = diffusion.training_noise(rng, (64, 8, 8, 4))
@@ -135,7 +208,7 @@ def test_guidance_combines_conditional_and_unconditional():
   null = jnp.array([[0.5]])
   for scale, expected in [(1.0, [1.0, 3.0]), (0.0, [0.5, 0.5]),
                           (3.0, [0.5 + 3 * 0.5, 0.5 + 3 * 2.5])]:
-    eps = diffusion.guided_epsilon(denoise, x, 7, context, null, scale)
+    eps = diffusion.guided_output(denoise, x, 7, context, null, scale)
     np.testing.assert_allclose(eps.ravel(), expected)
 
 

@@ -1,34 +1,49 @@
 """DDPM training objective and the DDIM sampler with classifier-free guidance.
 
-The generator of the miniature loop is an epsilon-predicting diffusion model
-(`models/diffusion_unet.DiffusionUNet`) over images in [-1, 1]. This module
-holds what is not the network:
+The generator of the miniature loop is a diffusion model
+(`models/diffusion_unet.DiffusionUNet`) over images in [-1, 1] or latents,
+predicting the noise (epsilon) or the velocity v (Salimans & Ho 2022). This
+module holds what is not the network:
 
-  schedule            alpha_bar_t of the forward process, t = 0 .. T-1
+  Schedule            alpha_bar_t of the forward process, t = 0 .. T-1
                       ('linear': DDPM's betas 1e-4 .. 0.02, the pixel-space
                       choice; 'scaled_linear': Stable Diffusion's 0.00085 ..
-                      0.012, for latents).
+                      0.012, for latents), optionally rescaled to a zero
+                      terminal SNR (Lin et al. 2024), and the model's
+                      prediction type ('epsilon' or 'v').
   add_noise           x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps.
   training_noise      eps for training, with an optional per-channel offset
                       ("offset noise").
-  loss_weights        per-timestep weights of the epsilon loss ('uniform', or
+  training_target     what the model regresses: eps, or
+                      v = sqrt(ab_t) eps - sqrt(1 - ab_t) x_0.
+  loss_weights        per-timestep weights of that loss ('uniform', or
                       Min-SNR-gamma, Hang et al. 2023).
   drop_context        conditioning dropout: a random share of the contexts
                       becomes the empty prompt's, so one network learns the
                       conditional and the unconditional model.
   ddim_timesteps      the sampler's timesteps ("trailing" spacing: the first
                       step starts from t = T-1, whatever the step count).
-  guided_epsilon      eps_u + scale (eps_c - eps_u), one batched forward pass.
+  guided_output       out_u + scale (out_c - out_u), one batched forward pass
+                      (linear in the output, so the same for eps and v).
   ddim_step           one deterministic DDIM update (eta = 0).
   sample              the whole DDIM loop from Gaussian noise.
 
 A DDIM step from t to t' (alpha_bar of t' = 1 past the last step, diffusers'
 `set_alpha_to_one`):
-  x0_hat = (x_t - sqrt(1 - ab_t) eps) / sqrt(ab_t),  clipped to [-1, 1]
+  x0_hat = (x_t - sqrt(1 - ab_t) eps) / sqrt(ab_t)          (epsilon)
+         = sqrt(ab_t) x_t - sqrt(1 - ab_t) v                  (v)
+  clipped to [-1, 1] in pixel space, then
   x_t'   = sqrt(ab_t') x0_hat + sqrt(1 - ab_t') eps_hat,
 where eps_hat = (x_t - sqrt(ab_t) x0_hat) / sqrt(1 - ab_t) is the noise
-implied by the clipped x0_hat (diffusers' `clip_sample` re-derives it the
-same way since 0.15; without clipping eps_hat = eps).
+implied by x0_hat (diffusers' `clip_sample` re-derives it the same way since
+0.15; for an unclipped epsilon model eps_hat = eps).
+
+Why zero terminal SNR: the scaled_linear schedule keeps sqrt(ab) = 0.07 of
+the image at t = T-1, enough for a model to read a latent's mean (the
+background's colour) and its coarse layout off the starting noise instead of
+the prompt. Rescaled, x_{T-1} is pure noise and the first step predicts
+x_0 from the prompt alone. Epsilon is undefined there (ab = 0), so a zero
+terminal SNR needs the v prediction.
 """
 
 from __future__ import annotations
@@ -41,17 +56,21 @@ import jax.numpy as jnp
 import numpy as np
 
 SCHEDULES = ('linear', 'scaled_linear')
+PREDICTIONS = ('epsilon', 'v')
 LOSS_WEIGHTINGS = ('uniform', 'min_snr')
 MAX_GUIDANCE_SCALE = 50.0
 
 
 @dataclasses.dataclass(frozen=True)
 class Schedule:
-  """The forward process: `num_train_timesteps` steps of a beta schedule."""
+  """The forward process: `num_train_timesteps` steps of a beta schedule,
+  optionally rescaled to a zero terminal SNR, and what the model predicts."""
   kind: str = 'linear'
   num_train_timesteps: int = 1000
   beta_start: float = 1e-4
   beta_end: float = 0.02
+  zero_terminal_snr: bool = False
+  prediction: str = 'epsilon'
 
   def __post_init__(self):
     if self.kind not in SCHEDULES:
@@ -63,6 +82,13 @@ class Schedule:
     if not 0 < self.beta_start < self.beta_end < 1:
       raise ValueError(f'betas must satisfy 0 < beta_start ({self.beta_start})'
                        f' < beta_end ({self.beta_end}) < 1')
+    if self.prediction not in PREDICTIONS:
+      raise ValueError(f'prediction {self.prediction!r}; expected one of '
+                       f'{PREDICTIONS}')
+    if self.zero_terminal_snr and self.prediction != 'v':
+      raise ValueError('zero_terminal_snr needs prediction=\'v\': at SNR 0 '
+                       'the noise is the whole input and x_0 cannot be '
+                       'recovered from an epsilon prediction')
 
   def alphas_cumprod(self) -> np.ndarray:
     """alpha_bar_t, t = 0 .. num_train_timesteps - 1, float64."""
@@ -72,7 +98,14 @@ class Schedule:
     else:  # 'scaled_linear': linear in sqrt(beta), SD's.
       betas = np.linspace(self.beta_start**0.5, self.beta_end**0.5, n,
                           dtype=np.float64)**2
-    return np.cumprod(1.0 - betas)
+    alphas_cumprod = np.cumprod(1.0 - betas)
+    if self.zero_terminal_snr:
+      # Lin et al. 2024, Algorithm 1: shift and scale sqrt(alpha_bar) so the
+      # first step is unchanged and the last is 0.
+      root = np.sqrt(alphas_cumprod)
+      root = (root - root[-1]) * root[0] / (root[0] - root[-1])
+      alphas_cumprod = root**2
+    return alphas_cumprod
 
 
 def add_noise(x0_BxHxWxC, noise_BxHxWxC, timesteps_B, alphas_cumprod):
@@ -92,6 +125,9 @@ def training_noise(rng, shape: tuple[int, ...], offset: float = 0.0):
   colour from the noise it starts from, not from the prompt. The offset
   makes the mean of x_t uninformative, so the prompt must set it.
   """
+  if not (np.isfinite(offset) and offset >= 0):
+    raise ValueError(f'noise offset {offset!r} must be a finite number >= 0 '
+                     '(the std of the per-channel shift; 0: plain noise)')
   if not offset:
     return jax.random.normal(rng, shape)
   rng_pixel, rng_offset = jax.random.split(rng)
@@ -99,15 +135,33 @@ def training_noise(rng, shape: tuple[int, ...], offset: float = 0.0):
       rng_offset, (shape[0],) + (1,) * (len(shape) - 2) + (shape[-1],))
 
 
-def loss_weights(timesteps_B, alphas_cumprod, weighting: str,
-                 gamma: float = 5.0):
-  """Per-example weights of the epsilon-prediction loss at `timesteps_B`.
+def training_target(x0_BxHxWxC, noise_BxHxWxC, timesteps_B, alphas_cumprod,
+                    prediction: str = 'epsilon'):
+  """What the model regresses at `timesteps_B`: the noise, or
+  v = sqrt(ab_t) eps - sqrt(1 - ab_t) x_0."""
+  if prediction not in PREDICTIONS:
+    raise ValueError(f'prediction {prediction!r}; expected one of '
+                     f'{PREDICTIONS}')
+  if prediction == 'epsilon':
+    return noise_BxHxWxC
+  ab = jnp.asarray(alphas_cumprod, jnp.float32)[timesteps_B]
+  ab = ab.reshape(-1, *([1] * (x0_BxHxWxC.ndim - 1)))
+  return jnp.sqrt(ab) * noise_BxHxWxC - jnp.sqrt(1.0 - ab) * x0_BxHxWxC
 
-  'uniform': 1 (DDPM's simple loss). 'min_snr': min(SNR_t, gamma) / SNR_t
-  with SNR_t = ab_t / (1 - ab_t) (Min-SNR-gamma, Hang et al. 2023). The
-  epsilon loss weighs the x_0 error by SNR_t, so the nearly clean steps
-  dominate its gradient; capping the weight at gamma gives the noisy steps,
-  where colour and layout are decided, their share.
+
+def loss_weights(timesteps_B, alphas_cumprod, weighting: str,
+                 gamma: float = 5.0, prediction: str = 'epsilon'):
+  """Per-example weights of the prediction loss at `timesteps_B`.
+
+  'uniform': 1 (DDPM's simple loss). 'min_snr': Min-SNR-gamma (Hang et al.
+  2023). With SNR_t = ab_t / (1 - ab_t), the epsilon loss weighs the x_0
+  error by SNR_t, so the nearly clean steps dominate its gradient; the
+  weight min(SNR_t, gamma) / SNR_t caps that at gamma and gives the noisy
+  steps, where colour and layout are decided, their share. The v loss
+  weighs the x_0 error by SNR_t + 1; its weight is min(SNR_t + 1, gamma) /
+  (SNR_t + 1), which keeps the pure-noise step of a zero-terminal-SNR
+  schedule at x_0 weight 1 (Min-SNR's own v weight, min(SNR_t, gamma) /
+  (SNR_t + 1), would drop it to 0).
   """
   if weighting not in LOSS_WEIGHTINGS:
     raise ValueError(f'loss weighting {weighting!r}; expected one of '
@@ -116,8 +170,13 @@ def loss_weights(timesteps_B, alphas_cumprod, weighting: str,
     return jnp.ones(timesteps_B.shape, jnp.float32)
   if not gamma > 0:
     raise ValueError(f'min_snr gamma must be positive, got {gamma}')
+  if prediction not in PREDICTIONS:
+    raise ValueError(f'prediction {prediction!r}; expected one of '
+                     f'{PREDICTIONS}')
   ab = jnp.asarray(alphas_cumprod, jnp.float32)[timesteps_B]
   snr = ab / (1.0 - ab)
+  if prediction == 'v':
+    snr = snr + 1.0
   return jnp.minimum(snr, gamma) / snr
 
 
@@ -152,12 +211,13 @@ def ddim_timesteps(num_steps: int, num_train_timesteps: int) -> np.ndarray:
   return steps.astype(np.int32)
 
 
-def guided_epsilon(denoise: Callable, x_BxHxWxC, t, context_BxTxD,
-                   null_context_TxD, guidance_scale: float):
-  """eps_u + scale (eps_c - eps_u); one forward pass over [cond; uncond].
+def guided_output(denoise: Callable, x_BxHxWxC, t, context_BxTxD,
+                  null_context_TxD, guidance_scale: float):
+  """out_u + scale (out_c - out_u); one forward pass over [cond; uncond].
 
-  `denoise(x, t, context)` predicts the noise. Scale 1 is the conditional
-  model alone (one pass), 0 the unconditional one.
+  `denoise(x, t, context)` predicts the noise or v (both are linear in the
+  model's output at a fixed x_t, so guiding either is the same). Scale 1 is
+  the conditional model alone (one pass), 0 the unconditional one.
   """
   batch = x_BxHxWxC.shape[0]
   t = jnp.broadcast_to(jnp.asarray(t), (batch,))
@@ -172,9 +232,20 @@ def guided_epsilon(denoise: Callable, x_BxHxWxC, t, context_BxTxD,
   return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
 
 
-def ddim_step(x_t, eps, alpha_bar_t, alpha_bar_prev, clip: bool = True):
-  """One DDIM update (eta = 0) from alpha_bar_t to alpha_bar_prev."""
-  x0 = (x_t - jnp.sqrt(1.0 - alpha_bar_t) * eps) / jnp.sqrt(alpha_bar_t)
+def ddim_step(x_t, output, alpha_bar_t, alpha_bar_prev, clip: bool = True,
+              prediction: str = 'epsilon'):
+  """One DDIM update (eta = 0) from alpha_bar_t to alpha_bar_prev, from the
+  model's `output` (the noise, or v)."""
+  if prediction == 'v':
+    x0 = (jnp.sqrt(alpha_bar_t) * x_t -
+          jnp.sqrt(1.0 - alpha_bar_t) * output)
+    eps = jnp.sqrt(1.0 - alpha_bar_t) * x_t + jnp.sqrt(alpha_bar_t) * output
+  elif prediction == 'epsilon':
+    eps = output
+    x0 = (x_t - jnp.sqrt(1.0 - alpha_bar_t) * eps) / jnp.sqrt(alpha_bar_t)
+  else:
+    raise ValueError(f'prediction {prediction!r}; expected one of '
+                     f'{PREDICTIONS}')
   if clip:
     x0 = jnp.clip(x0, -1.0, 1.0)
     eps = (x_t - jnp.sqrt(alpha_bar_t) * x0) / jnp.sqrt(1.0 - alpha_bar_t)
@@ -187,7 +258,8 @@ def sample(denoise: Callable, noise_BxHxWxC, context_BxTxD, null_context_TxD,
   """DDIM from `noise_BxHxWxC` (x_T) to x_0 in [-1, 1] (jit-able).
 
   Args:
-    denoise: (x, timesteps [B], context) -> predicted noise.
+    denoise: (x, timesteps [B], context) -> the model's output (the noise
+      or v, as `schedule.prediction` says).
     noise_BxHxWxC: the starting Gaussian noise (its seed fixes the sample).
     context_BxTxD: the prompts' contexts.
     null_context_TxD: the empty prompt's context (guidance's unconditional).
@@ -206,9 +278,9 @@ def sample(denoise: Callable, noise_BxHxWxC, context_BxTxD, null_context_TxD,
 
   def body(x, row):
     t = jnp.full((batch,), row[0].astype(jnp.int32))
-    eps = guided_epsilon(denoise, x, t, context_BxTxD, null_context_TxD,
-                         guidance_scale)
-    return ddim_step(x, eps, row[1], row[2], clip), None
+    out = guided_output(denoise, x, t, context_BxTxD, null_context_TxD,
+                        guidance_scale)
+    return ddim_step(x, out, row[1], row[2], clip, schedule.prediction), None
 
   x, _ = jax.lax.scan(body, noise_BxHxWxC.astype(jnp.float32), table)
   return jnp.clip(x, -1.0, 1.0) if clip else x

@@ -88,10 +88,15 @@ def unet_config(config: ml_collections.ConfigDict) -> sd_unet.UNetConfig:
 
 
 def noise_schedule(config: ml_collections.ConfigDict) -> diffusion.Schedule:
+  """The forward process and prediction type of `config.generator` (a
+  record from before the options: epsilon, no terminal rescaling)."""
   gen = config.generator
   return diffusion.Schedule(kind=gen.schedule,
                             num_train_timesteps=gen.num_train_timesteps,
-                            beta_start=gen.beta_start, beta_end=gen.beta_end)
+                            beta_start=gen.beta_start, beta_end=gen.beta_end,
+                            zero_terminal_snr=gen.get('zero_terminal_snr',
+                                                      False),
+                            prediction=gen.get('prediction', 'epsilon'))
 
 
 def latent_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
@@ -157,6 +162,10 @@ def autoencoder_loss_fn(model: autoencoder_lib.AutoencoderKL,
   """The autoencoder's loss (see `train_autoencoder`) as (params, batch,
   rng) -> (loss, metrics); batch['images'] uint8 [B, H, W, 3]."""
   ae = config.autoencoder
+  for key in ('mse_weight', 'kl_weight'):
+    if not (np.isfinite(ae[key]) and ae[key] >= 0):
+      raise ValueError(f'autoencoder.{key}={ae[key]!r} must be a finite '
+                       'number >= 0 (a loss weight)')
 
   def loss_fn(params, batch, rng):
     images = _to_unit(batch['images'])
@@ -264,14 +273,18 @@ def denoiser_loss_fn(model: diffusion_unet.DiffusionUNet,
   """The denoiser's loss (see `train_denoiser`) as (params, batch, rng) ->
   (loss, metrics); batch: 'latents' [B, h, w, C] and 'contexts' [B, L, D].
 
-  Epsilon prediction at uniform random timesteps, weighted per example by
-  `diffusion.loss_weights` (`config.generator.loss_weighting`), with
+  Epsilon or v prediction (`config.generator.prediction`) at uniform random
+  timesteps, weighted per example by `diffusion.loss_weights`
+  (`config.generator.loss_weighting`), with
   conditioning dropout to `null_context_LxD`. `trainable='decoder'` stops
   the gradient at `params['encoder']`.
   """
   gen = config.generator
-  alphas = noise_schedule(config).alphas_cumprod()
+  schedule = noise_schedule(config)
+  alphas = schedule.alphas_cumprod()
   null = jnp.asarray(null_context_LxD, jnp.float32)
+  diffusion.training_noise(jax.random.key(0), (1, 1, 1, 1),
+                           gen.noise_offset)  # Fails here on a bad offset.
 
   def loss_fn(params, batch, rng):
     if trainable == 'decoder':
@@ -284,12 +297,13 @@ def denoiser_loss_fn(model: diffusion_unet.DiffusionUNet,
     context = diffusion.drop_context(
         rng_drop, batch['contexts'].astype(jnp.float32), null,
         gen.context_dropout)
-    eps = model.apply({'params': params}, diffusion.add_noise(x0, noise, t,
-                                                              alphas),
-                      t, context)
-    mse_B = jnp.mean((eps - noise)**2, axis=(1, 2, 3))
+    output = model.apply({'params': params},
+                         diffusion.add_noise(x0, noise, t, alphas), t, context)
+    target = diffusion.training_target(x0, noise, t, alphas,
+                                       schedule.prediction)
+    mse_B = jnp.mean((output - target)**2, axis=(1, 2, 3))
     weights_B = diffusion.loss_weights(t, alphas, gen.loss_weighting,
-                                       gen.min_snr_gamma)
+                                       gen.min_snr_gamma, schedule.prediction)
     return jnp.mean(weights_B * mse_B), {'mse': jnp.mean(mse_B)}
   return loss_fn
 
@@ -299,7 +313,7 @@ def train_denoiser(workdir: pathlib.Path, latents_NxhxwxC: np.ndarray,
                    config: ml_collections.ConfigDict, *,
                    init_params: Any = None,
                    trainable: str = '') -> tuple[Any, Any]:
-  """Trains the denoiser (epsilon prediction, conditioning dropout, the
+  """Trains the denoiser (epsilon or v prediction, conditioning dropout, the
   per-timestep loss weights of `config.generator.loss_weighting`).
 
   Args:

@@ -67,15 +67,20 @@ class Loop:
                 ) -> dict[str, Any]:
     """Runs `fn` unless the stage finished before; returns its record.
 
-    A finished stage records the config it ran with; a rerun with another
-    config fails naming the keys that differ, rather than skip the stage
-    with results of the old config.
+    A finished stage records the config it ran with; a rerun whose config
+    differs in a section the stage reads (`STAGE_SECTIONS`) fails naming
+    the keys that differ, rather than skip the stage with results of the
+    old config. Sections it does not read may change: a new generator
+    setting reruns the generator and what follows it, not the corpus.
     """
     path = self.stage_file(name)
     config = json.loads(json.dumps(self.config.to_dict(), default=list))
     if path.exists():
       record = json.loads(path.read_text())
-      changed = _differences(record.get('config', config), config)
+      sections = STAGE_SECTIONS.get(name, tuple(config))
+      recorded = record.get('config', config)
+      changed = _differences({k: recorded.get(k) for k in sections},
+                             {k: config.get(k) for k in sections})
       if changed:
         raise ValueError(
             f'Stage {name} finished in {self.workdir} with another config '
@@ -374,6 +379,21 @@ STAGES: tuple[tuple[str, Callable[[Loop], dict[str, Any]]], ...] = (
     ('ingredients', reverse_runs.stage_ingredients),
     ('reuse', reuse.stage_reuse),
 )
+
+
+# The config sections each stage's results depend on: its own and those of
+# the stages it reads. The white-box, ingredients and reuse stages read
+# everything.
+_CORPUS = ('seed', 'corpus', 'generated')
+_GENERATOR = _CORPUS + ('text', 'autoencoder', 'generator')
+STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
+    'corpus': _CORPUS,
+    'autoencoder': _CORPUS + ('autoencoder',),
+    'generator': _GENERATOR,
+    'referee': _CORPUS + ('referee',),
+    'quality': _GENERATOR + ('referee', 'sampler'),
+    'generated': _GENERATOR + ('referee', 'sampler'),
+}
 
 
 def recorded_config(workdir: str | pathlib.Path) -> ml_collections.ConfigDict:
