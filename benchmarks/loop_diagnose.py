@@ -59,9 +59,9 @@ def conditioning_losses(loop, latents, contexts, timesteps, seed=0):
                                          schedule.prediction)
       for name, c in (('own', contexts), ('shuffled', shuffled),
                       ('empty', empty)):
-        out = apply(loop.denoiser_params, xt, tt,
-                    jnp.asarray(c[start:start + BATCH], jnp.float32))
-        sums[name] += float(jnp.sum(jnp.mean((out - target)**2,
+        pred = apply(loop.denoiser_params, xt, tt,
+                     jnp.asarray(c[start:start + BATCH], jnp.float32))
+        sums[name] += float(jnp.sum(jnp.mean((pred - target)**2,
                                              axis=(1, 2, 3))))
     out[int(t)] = {k: v / n for k, v in sums.items()}
   return out

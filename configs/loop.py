@@ -41,17 +41,20 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
       layers_per_block=1, num_attention_heads=(2, 4, 4), norm_num_groups=8,
       schedule='scaled_linear', num_train_timesteps=1000, beta_start=0.00085,
       beta_end=0.012, context_dropout=0.1,
-      # What the denoiser predicts: 'epsilon' (the noise) or 'v'. A zero
-      # terminal SNR (Lin et al. 2024; needs 'v') makes the first sampling
-      # step start from pure noise (`diffusion.Schedule`).
-      prediction='epsilon', zero_terminal_snr=False,
-      # Epsilon-loss weights over timesteps: 'uniform' or 'min_snr' (capped
-      # at `min_snr_gamma`, so the noisy steps that fix colour and layout
-      # are not drowned by the nearly clean ones).
+      # What the denoiser predicts, 'v' or 'epsilon' (the noise), and a
+      # schedule rescaled to zero terminal SNR (Lin et al. 2024; needs 'v'):
+      # the first sampling step starts from pure noise, so the prompt, not
+      # the noise, sets the background and where the object goes
+      # (`diffusion.Schedule`; docs/measurements.md).
+      prediction='v', zero_terminal_snr=True,
+      # Loss weights over timesteps: 'uniform' or 'min_snr' (capped at
+      # `min_snr_gamma`, so the noisy steps that fix colour and layout are
+      # not drowned by the nearly clean ones).
       loss_weighting='min_snr', min_snr_gamma=5.0,
-      # Per-channel offset noise: without it the background's colour comes
-      # from the starting noise, not the prompt (`diffusion.training_noise`).
-      noise_offset=0.2,
+      # Per-channel offset noise (`diffusion.training_noise`): the other
+      # cure for a background taken from the starting noise, for a schedule
+      # that keeps some signal at t = T-1; 0 with a zero terminal SNR.
+      noise_offset=0.0,
       # Also condition every resnet on the prompt's sentence embedding (added
       # to the time embedding); off: cross-attention only, as SD 1.x/2.x.
       pooled_text_embedding=False,

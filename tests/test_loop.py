@@ -101,7 +101,7 @@ def test_a_generator_setting_keeps_the_stages_that_do_not_read_it(
     ('autoencoder', 'kl_weight', float('nan'), 'kl_weight=nan must be'),
     ('generator', 'noise_offset', -0.1, 'noise offset -0.1 must be'),
     ('generator', 'prediction', 'x0', "prediction 'x0'"),
-    ('generator', 'zero_terminal_snr', True, "needs prediction='v'"),
+    ('generator', 'prediction', 'epsilon', "needs prediction='v'"),
 ])
 def test_bad_loss_settings_fail_before_training(section, key, value, match):
   config = _tiny_config()

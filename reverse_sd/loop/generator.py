@@ -11,8 +11,9 @@ Stable Diffusion's design at a size that trains on two CPU cores:
                 positions zeroed. The empty prompt's states are the
                 unconditional context of classifier-free guidance.
   denoiser      `models/diffusion_unet.DiffusionUNet`: the SD U-Net family
-                (the `sd_unet` encoder blocks + the up path), predicting the
-                noise, trained with conditioning dropout.
+                (the `sd_unet` encoder blocks + the up path), predicting v
+                (or the noise) on a zero-terminal-SNR schedule, trained
+                with conditioning dropout.
   sampler       DDIM (`reverse_sd.loop.diffusion`), steps and guidance
                 scale from the config.
 

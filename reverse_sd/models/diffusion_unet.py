@@ -7,7 +7,8 @@ blocks (`CrossAttnUpBlock2D` / `UpBlock2D`: `layers_per_block + 1` resnets,
 each on [x, skip] concatenated on channels and, with attention, followed by a
 Transformer2D; then a nearest-neighbour 2x upsample and a 3x3 conv, except
 in the last block), then GroupNorm, SiLU and `conv_out` back to
-`in_channels`. It predicts the noise (epsilon).
+`in_channels`. It predicts the noise (epsilon) or v, whichever it was
+trained on (`reverse_sd.loop.diffusion`).
 
 Because the encoder is a submodule, `params['encoder']` has exactly the tree
 of a `UNetEncoder` (and of the white-box backbone's `backbone/unet`): the
