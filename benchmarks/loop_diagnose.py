@@ -12,12 +12,15 @@ prints two tables over the first `num_examples` held-out (test) examples:
                and on their autoencoder round trip: what no denoiser in that
                latent space can beat.
   conditioning the denoiser's MSE on its target (the noise, or v) at each
-               timestep with the prompt's own context, another prompt's (shuffled) and the empty
-               prompt's: how much the prompt lowers the loss where.
+               timestep with the prompt's own context, another prompt's
+               (shuffled), the empty prompt's, and the prompt with its
+               shape (or size) word swapped for another: how much the
+               prompt, and each of those words, lowers the loss where.
 """
 
 import argparse
 import pathlib
+import re
 import sys
 
 import jax
@@ -28,6 +31,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from benchmarks import common
+from reverse_sd.data import synthetic_grammar as grammar
 from reverse_sd.loop import diffusion
 from reverse_sd.loop import generator as generator_lib
 from reverse_sd.loop import referee as referee_lib
@@ -36,19 +40,33 @@ from reverse_sd.loop import stages
 BATCH = 250
 
 
+# Word groups whose one word per prompt the 'swapped' columns replace by the
+# next word of the group (a one-object prompt names one shape and one size).
+SWAPPED_GROUPS = {'shape': grammar.SHAPES, 'size': grammar.SIZES}
+
+
+def swap_word(prompt: str, words: tuple[str, ...]) -> str | None:
+  """`prompt` with its one word of `words` replaced by the next word of
+  `words`; None unless exactly one of them occurs (as a whole word)."""
+  found = [w for w in words if re.search(rf'\b{re.escape(w)}\b', prompt)]
+  if len(found) != 1:
+    return None
+  other = words[(words.index(found[0]) + 1) % len(words)]
+  return re.sub(rf'\b{re.escape(found[0])}\b', other, prompt, count=1)
+
+
 def conditioning_losses(loop, latents, contexts, timesteps, seed=0):
-  """{t: {'own', 'shuffled', 'empty': MSE}} over the examples, on the
-  denoiser's target (`config.generator.prediction`)."""
+  """{t: {name: MSE}} over the examples, on the denoiser's target
+  (`config.generator.prediction`), for each named context array
+  [N, L, D] of `contexts`."""
   model, _ = generator_lib.init_denoiser(loop.config)
   apply = jax.jit(lambda p, x, t, c: model.apply({'params': p}, x, t, c))
   schedule = generator_lib.noise_schedule(loop.config)
   alphas = schedule.alphas_cumprod()
   n = len(latents)
-  shuffled = contexts[np.random.default_rng(seed).permutation(n)]
-  empty = np.broadcast_to(loop.null_context, contexts.shape)
   out = {}
   for t in timesteps:
-    sums = {'own': 0.0, 'shuffled': 0.0, 'empty': 0.0}
+    sums = dict.fromkeys(contexts, 0.0)
     for start in range(0, n, BATCH):
       x0 = jnp.asarray(latents[start:start + BATCH])
       noise = jax.random.normal(jax.random.fold_in(jax.random.key(seed), t),
@@ -57,8 +75,7 @@ def conditioning_losses(loop, latents, contexts, timesteps, seed=0):
       xt = diffusion.add_noise(x0, noise, tt, alphas)
       target = diffusion.training_target(x0, noise, tt, alphas,
                                          schedule.prediction)
-      for name, c in (('own', contexts), ('shuffled', shuffled),
-                      ('empty', empty)):
+      for name, c in contexts.items():
         pred = apply(loop.denoiser_params, xt, tt,
                      jnp.asarray(c[start:start + BATCH], jnp.float32))
         sums[name] += float(jnp.sum(jnp.mean((pred - target)**2,
@@ -94,16 +111,35 @@ def main() -> None:
       ['images', *referee_lib.GROUPS],
       [[name, *(acc[g] for g in referee_lib.GROUPS)]
        for name, acc in ceiling.items()]))
-  contexts = loop.contexts(test['prompts'][:n])
+  prompts = test['prompts'][:n]
+  swapped = {group: [swap_word(p, words) for p in prompts]
+             for group, words in SWAPPED_GROUPS.items()}
+  # The conditioning table's examples: those whose every swap applies.
+  keep = np.array([all(s[i] is not None for s in swapped.values())
+                   for i in range(n)])
+  own = loop.contexts(prompts)
+  contexts = {'own': own[keep],
+              'shuffled': own[np.random.default_rng(0).permutation(n)][keep],
+              'empty': np.broadcast_to(loop.null_context,
+                                       own[keep].shape)}
+  for group, texts in swapped.items():
+    contexts[f'{group} swapped'] = loop.contexts(
+        [t for t, k in zip(texts, keep) if k])
   prediction = generator_lib.noise_schedule(loop.config).prediction
   losses = conditioning_losses(
-      loop, latents, contexts, [int(t) for t in args.timesteps.split(',')])
+      loop, latents[keep], contexts,
+      [int(t) for t in args.timesteps.split(',')])
+  names = list(contexts)
+  print(f'{prediction} MSE on {int(keep.sum())} of {n} examples, by context '
+        "('<group> swapped': the prompt with its one word of that group "
+        'replaced by another):')
   print(common.format_table(
-      ['timestep', 'own prompt', 'shuffled prompt', 'empty prompt'],
-      [[t, v['own'], v['shuffled'], v['empty']] for t, v in losses.items()]))
+      ['timestep', *names],
+      [[t, *(v[k] for k in names)] for t, v in losses.items()]))
   common.write_json(args.output, {
       'workdir': args.workdir, 'num_examples': n, 'ceiling': ceiling,
-      'prediction': prediction, f'{prediction}_mse': losses, 'machine': common.machine(),
+      'prediction': prediction, 'conditioning_examples': int(keep.sum()),
+      f'{prediction}_mse': losses, 'machine': common.machine(),
       'git': common.git_revision(), 'date': common.now()})
 
 

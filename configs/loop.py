@@ -60,8 +60,9 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
       pooled_text_embedding=False,
       steps=2_400, batch_size=64, lr=1e-3, ema_decay=0.995,
       checkpoint_every=200, log_every=50))
+  # DDIM; `eta` 0 is deterministic, 1 ancestral (fresh noise every step).
   config.sampler = ml_collections.ConfigDict(dict(
-      num_steps=20, guidance_scale=4.0))
+      num_steps=20, guidance_scale=4.0, eta=0.0))
 
   # The referee: an attribute classifier on rendered images.
   config.referee = ml_collections.ConfigDict(dict(

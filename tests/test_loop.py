@@ -3,6 +3,7 @@ every stage runs, a rerun skips them, a foreign generator checkpoint names
 its keys, and sampling is a pure function of (prompt, seed)."""
 
 import json
+import os
 import pathlib
 import shutil
 import subprocess
@@ -200,6 +201,31 @@ def test_reverse_stages_and_reuse_report(tiny_loop):
   assert (workdir / 'results' / 'quality_samples.png').exists()
 
 
+def test_the_recorded_config_takes_each_section_from_a_stage_that_read_it(
+    tmp_path):
+  """A generator rerun keeps the older corpus and referee records, which hold
+  the old generator settings; the recorded config is the generator's own."""
+  records = tmp_path / stages.STAGES_DIR
+  records.mkdir()
+  old, new = {'prediction': 'epsilon'}, {'prediction': 'v'}
+  for name, generator, mtime in (('corpus', old, 100),
+                                 ('referee', old, 300),
+                                 ('generator', new, 200)):
+    path = records / f'{name}.json'
+    path.write_text(json.dumps({'stage': name, 'time_s': 1.0, 'config': {
+        'corpus': {'seed': 0}, 'generator': generator,
+        'referee': {'steps': mtime}}}))
+    os.utime(path, (mtime, mtime))
+  recorded = stages.recorded_config(tmp_path)
+  assert recorded.generator.prediction == 'v'
+  assert recorded.referee.steps == 300
+  (records / 'generator.json').write_text('{"stage": "generator"}')
+  (records / 'corpus.json').unlink()
+  (records / 'referee.json').unlink()
+  with pytest.raises(ValueError, match='hold no config'):
+    stages.recorded_config(tmp_path)
+
+
 def test_diagnosis_tools_read_the_recorded_config(tiny_loop, tmp_path):
   """The benchmarks that read a loop workdir take its recorded config (not
   whatever configs/loop.py now says) and write their numbers."""
@@ -213,7 +239,8 @@ def test_diagnosis_tools_read_the_recorded_config(tiny_loop, tmp_path):
   for script, extra in (('loop_diagnose.py', ['--num_examples=8',
                                               '--timesteps=10,900']),
                         ('loop_guidance.py', ['--num_prompts=4',
-                                              '--scales=1,3'])):
+                                              '--scales=1,3',
+                                              '--etas=0,1'])):
     output = tmp_path / script.replace('.py', '.json')
     subprocess.run([sys.executable, str(repo / 'benchmarks' / script),
                     f'--workdir={workdir}', f'--output={output}', *extra],

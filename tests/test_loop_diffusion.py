@@ -3,6 +3,7 @@ the full U-Net (whose down path is the white-box encoder) and the
 autoencoder."""
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -224,17 +225,61 @@ def test_conditioning_dropout_rate_and_rows():
                                                null, 0.0) == 0).any()
 
 
-@pytest.mark.parametrize('steps,scale', [(0, 3.0), (1001, 3.0), (2.5, 3.0),
-                                         (10, -1.0), (10, float('nan')),
-                                         (10, 1e6)])
-def test_sampler_settings_out_of_range_fail_first(steps, scale):
+@pytest.mark.parametrize('steps,scale,eta', [
+    (0, 3.0, 0.0), (1001, 3.0, 0.0), (2.5, 3.0, 0.0), (10, -1.0, 0.0),
+    (10, float('nan'), 0.0), (10, 1e6, 0.0), (10, 3.0, -0.5),
+    (10, 3.0, 1.5), (10, 3.0, float('nan'))])
+def test_sampler_settings_out_of_range_fail_first(steps, scale, eta):
   called = []
-  with pytest.raises(ValueError, match='num_steps|guidance_scale'):
+  with pytest.raises(ValueError, match='num_steps|guidance_scale|eta'):
     diffusion.sample(lambda *a: called.append(1), jnp.zeros((1, 2, 2, 1)),
                      jnp.zeros((1, 2, 3)), jnp.zeros((2, 3)),
                      schedule=diffusion.Schedule(), num_steps=steps,
-                     guidance_scale=scale)
+                     guidance_scale=scale, eta=eta,
+                     keys_B=jax.vmap(jax.random.key)(jnp.arange(1)))
   assert not called
+
+
+def test_ddim_step_with_eta_by_hand():
+  """Song et al. (2021) eq. 12: sigma from the two alpha_bars; eta = 1
+  from a pure-noise step (ab_t = 0) draws x_t' = sqrt(ab') x0 + sqrt(1 -
+  ab') z, the forward process at t'."""
+  x_t, v, z = jnp.float32(0.4), jnp.float32(-0.2), jnp.float32(0.7)
+  ab, ab_prev, eta = 0.3, 0.6, 0.5
+  x0 = np.sqrt(ab) * 0.4 - np.sqrt(1 - ab) * -0.2
+  eps = np.sqrt(1 - ab) * 0.4 + np.sqrt(ab) * -0.2
+  sigma = eta * np.sqrt((1 - ab_prev) / (1 - ab)) * np.sqrt(1 - ab / ab_prev)
+  expected = (np.sqrt(ab_prev) * x0 +
+              np.sqrt(1 - ab_prev - sigma**2) * eps + sigma * 0.7)
+  got = diffusion.ddim_step(x_t, v, ab, ab_prev, clip=False, prediction='v',
+                            eta=eta, noise=z)
+  np.testing.assert_allclose(got, expected, rtol=1e-5)
+  got = diffusion.ddim_step(x_t, v, 0.0, ab_prev, clip=False, prediction='v',
+                            eta=1.0, noise=z)
+  np.testing.assert_allclose(  # x0 = -v at ab_t = 0.
+      got, np.sqrt(ab_prev) * 0.2 + np.sqrt(1 - ab_prev) * 0.7, rtol=1e-5)
+
+
+def test_ancestral_sampler_draws_each_sample_from_its_own_key():
+  """With eta > 0 a sample is a function of its key alone (not of its
+  batch), differs from the deterministic sample, and needs keys."""
+  schedule = diffusion.Schedule(kind='scaled_linear', beta_start=0.00085,
+                                beta_end=0.012, zero_terminal_snr=True,
+                                prediction='v')
+  denoise = lambda x, t, c: 0.5 * x + c[:, :1, :1, None].mean()
+  noise = jax.random.normal(jax.random.key(1), (3, 4, 4, 2))
+  context = jnp.ones((3, 2, 3))
+  keys = jax.vmap(jax.random.key)(jnp.arange(3))
+  run = functools.partial(diffusion.sample, denoise, schedule=schedule,
+                          num_steps=5, guidance_scale=1.0, clip=False)
+  batch = run(noise, context, jnp.zeros((2, 3)), eta=1.0, keys_B=keys)
+  alone = run(noise[1:2], context[1:2], jnp.zeros((2, 3)), eta=1.0,
+              keys_B=keys[1:2])
+  np.testing.assert_allclose(batch[1:2], alone, rtol=1e-5, atol=1e-6)
+  deterministic = run(noise, context, jnp.zeros((2, 3)))
+  assert np.abs(np.asarray(batch - deterministic)).max() > 1e-2
+  with pytest.raises(ValueError, match='keys_B'):
+    run(noise, context, jnp.zeros((2, 3)), eta=1.0)
 
 
 def _unet_inputs(batch=2, size=8):

@@ -196,7 +196,7 @@ def test_generator_sampling_lowers(config, mesh, ae_params, unet_params,
                          jnp.float16, mesh)
   exported = _export(gen._sample, platform, gen.unet_params, gen.ae_params,
                      keys, contexts, config.sampler.num_steps,
-                     config.sampler.guidance_scale)
+                     config.sampler.guidance_scale, 1.0)  # eta: the noisy path.
   _assert_split_over_the_mesh(exported)
   size = config.corpus.image_size
   (images,) = exported.out_avals

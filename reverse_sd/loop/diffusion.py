@@ -25,7 +25,8 @@ module holds what is not the network:
                       step starts from t = T-1, whatever the step count).
   guided_output       out_u + scale (out_c - out_u), one batched forward pass
                       (linear in the output, so the same for eps and v).
-  ddim_step           one deterministic DDIM update (eta = 0).
+  ddim_step           one DDIM update (eta = 0: deterministic; eta = 1:
+                      DDPM's ancestral step).
   sample              the whole DDIM loop from Gaussian noise.
 
 A DDIM step from t to t' (alpha_bar of t' = 1 past the last step, diffusers'
@@ -36,7 +37,11 @@ A DDIM step from t to t' (alpha_bar of t' = 1 past the last step, diffusers'
   x_t'   = sqrt(ab_t') x0_hat + sqrt(1 - ab_t') eps_hat,
 where eps_hat = (x_t - sqrt(ab_t) x0_hat) / sqrt(1 - ab_t) is the noise
 implied by x0_hat (diffusers' `clip_sample` re-derives it the same way since
-0.15; for an unclipped epsilon model eps_hat = eps).
+0.15; for an unclipped epsilon model eps_hat = eps). With eta > 0 (Song et
+al. 2021, eq. 12; diffusers' `DDIMScheduler.step(eta=)`), part of eps_hat is
+fresh noise z:
+  sigma  = eta sqrt((1 - ab_t') / (1 - ab_t)) sqrt(1 - ab_t / ab_t')
+  x_t'   = sqrt(ab_t') x0_hat + sqrt(1 - ab_t' - sigma^2) eps_hat + sigma z.
 
 Why zero terminal SNR: the scaled_linear schedule keeps sqrt(ab) = 0.07 of
 the image at t = T-1, enough for a model to read a latent's mean (the
@@ -59,6 +64,8 @@ SCHEDULES = ('linear', 'scaled_linear')
 PREDICTIONS = ('epsilon', 'v')
 LOSS_WEIGHTINGS = ('uniform', 'min_snr')
 MAX_GUIDANCE_SCALE = 50.0
+# Step and initial noise of one sample come from its own key, split so.
+_STEP_NOISE_STREAM = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,9 +196,9 @@ def drop_context(rng, context_BxTxD, null_context_TxD, drop_rate: float):
 
 
 def check_sampler(num_steps: int, guidance_scale: float,
-                  num_train_timesteps: int) -> None:
-  """Raises ValueError for a step count or guidance scale out of range,
-  before any sampling work starts."""
+                  num_train_timesteps: int, eta: float = 0.0) -> None:
+  """Raises ValueError for a step count, guidance scale or eta out of
+  range, before any sampling work starts."""
   if (not isinstance(num_steps, (int, np.integer)) or
       not 1 <= num_steps <= num_train_timesteps):
     raise ValueError(f'DDIM num_steps={num_steps!r} must be an integer in '
@@ -201,6 +208,10 @@ def check_sampler(num_steps: int, guidance_scale: float,
     raise ValueError(f'guidance_scale={guidance_scale!r} must be in [0, '
                      f'{MAX_GUIDANCE_SCALE}] (1: no guidance, 0: '
                      'unconditional)')
+  if not (isinstance(eta, (int, float, np.floating, np.integer)) and
+          0.0 <= eta <= 1.0):
+    raise ValueError(f'DDIM eta={eta!r} must be in [0, 1] (0: '
+                     'deterministic, 1: ancestral)')
 
 
 def ddim_timesteps(num_steps: int, num_train_timesteps: int) -> np.ndarray:
@@ -233,9 +244,10 @@ def guided_output(denoise: Callable, x_BxHxWxC, t, context_BxTxD,
 
 
 def ddim_step(x_t, output, alpha_bar_t, alpha_bar_prev, clip: bool = True,
-              prediction: str = 'epsilon'):
-  """One DDIM update (eta = 0) from alpha_bar_t to alpha_bar_prev, from the
-  model's `output` (the noise, or v)."""
+              prediction: str = 'epsilon', eta: float = 0.0, noise=None):
+  """One DDIM update from alpha_bar_t to alpha_bar_prev, from the model's
+  `output` (the noise, or v); with eta > 0, `noise` (like x_t) is the fresh
+  Gaussian noise of the step."""
   if prediction == 'v':
     x0 = (jnp.sqrt(alpha_bar_t) * x_t -
           jnp.sqrt(1.0 - alpha_bar_t) * output)
@@ -249,12 +261,19 @@ def ddim_step(x_t, output, alpha_bar_t, alpha_bar_prev, clip: bool = True,
   if clip:
     x0 = jnp.clip(x0, -1.0, 1.0)
     eps = (x_t - jnp.sqrt(alpha_bar_t) * x0) / jnp.sqrt(1.0 - alpha_bar_t)
-  return jnp.sqrt(alpha_bar_prev) * x0 + jnp.sqrt(1.0 - alpha_bar_prev) * eps
+  if not eta:
+    return jnp.sqrt(alpha_bar_prev) * x0 + jnp.sqrt(1.0 - alpha_bar_prev) * eps
+  sigma = eta * jnp.sqrt(
+      (1.0 - alpha_bar_prev) / (1.0 - alpha_bar_t) *
+      jnp.maximum(1.0 - alpha_bar_t / alpha_bar_prev, 0.0))
+  return (jnp.sqrt(alpha_bar_prev) * x0 +
+          jnp.sqrt(jnp.maximum(1.0 - alpha_bar_prev - sigma**2, 0.0)) * eps +
+          sigma * noise)
 
 
 def sample(denoise: Callable, noise_BxHxWxC, context_BxTxD, null_context_TxD,
            *, schedule: Schedule, num_steps: int, guidance_scale: float,
-           clip: bool = True):
+           clip: bool = True, eta: float = 0.0, keys_B=None):
   """DDIM from `noise_BxHxWxC` (x_T) to x_0 in [-1, 1] (jit-able).
 
   Args:
@@ -267,20 +286,33 @@ def sample(denoise: Callable, noise_BxHxWxC, context_BxTxD, null_context_TxD,
     num_steps: DDIM steps.
     guidance_scale: classifier-free guidance scale.
     clip: clip the predicted x_0 to [-1, 1] at every step (pixel space).
+    eta: the DDIM noise level (0: deterministic; 1: ancestral sampling).
+    keys_B: with eta > 0, one PRNG key per sample: step k's noise for sample
+      b is drawn from fold_in(fold_in(keys_B[b], 1), k), so a sample does
+      not depend on the others in its batch.
   """
-  check_sampler(num_steps, guidance_scale, schedule.num_train_timesteps)
+  check_sampler(num_steps, guidance_scale, schedule.num_train_timesteps, eta)
+  if eta and keys_B is None:
+    raise ValueError('DDIM with eta > 0 needs keys_B (one key per sample).')
   ab = schedule.alphas_cumprod()
   timesteps = ddim_timesteps(num_steps, schedule.num_train_timesteps)
   prev = np.concatenate([ab[timesteps[1:]], [1.0]])
   table = jnp.asarray(np.stack([timesteps.astype(np.float64), ab[timesteps],
-                                prev], -1), jnp.float32)
+                                prev, np.arange(num_steps)], -1), jnp.float32)
   batch = noise_BxHxWxC.shape[0]
+  shape = noise_BxHxWxC.shape[1:]
 
   def body(x, row):
     t = jnp.full((batch,), row[0].astype(jnp.int32))
     out = guided_output(denoise, x, t, context_BxTxD, null_context_TxD,
                         guidance_scale)
-    return ddim_step(x, out, row[1], row[2], clip, schedule.prediction), None
+    noise = None
+    if eta:
+      step = row[3].astype(jnp.int32)
+      noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(
+          jax.random.fold_in(k, _STEP_NOISE_STREAM), step), shape))(keys_B)
+    return ddim_step(x, out, row[1], row[2], clip, schedule.prediction, eta,
+                     noise), None
 
   x, _ = jax.lax.scan(body, noise_BxHxWxC.astype(jnp.float32), table)
   return jnp.clip(x, -1.0, 1.0) if clip else x

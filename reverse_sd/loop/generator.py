@@ -372,7 +372,7 @@ class Generator:
     self.unet_params = unet_params
     self.null_context = jnp.asarray(null_context_LxD, jnp.float32)
     self.schedule = noise_schedule(config)
-    self._sample = jax.jit(self._sample_fn, static_argnums=(4, 5))
+    self._sample = jax.jit(self._sample_fn, static_argnums=(4, 5, 6))
 
   def with_unet_params(self, unet_params: Any) -> Generator:
     """The same generator with other denoiser parameters (e.g. the encoder
@@ -383,7 +383,7 @@ class Generator:
     return other
 
   def _sample_fn(self, unet_params, ae_params, keys, contexts, num_steps,
-                 guidance_scale):
+                 guidance_scale, eta):
     # x_T as the denoiser saw it in training (with its offset noise; none
     # in the records of loops from before the option).
     offset = self.config.generator.get('noise_offset', 0.0)
@@ -394,19 +394,20 @@ class Generator:
     latents = diffusion.sample(denoise, noise, contexts.astype(jnp.float32),
                                self.null_context, schedule=self.schedule,
                                num_steps=num_steps,
-                               guidance_scale=guidance_scale, clip=False)
+                               guidance_scale=guidance_scale, clip=False,
+                               eta=eta, keys_B=keys)
     images = self.autoencoder.apply({'params': ae_params}, latents,
                                     method='decode')
     return jnp.clip(jnp.round((images + 1.0) * 127.5), 0, 255).astype(
         jnp.uint8)
 
   def sample(self, contexts_NxLxD: np.ndarray, seeds_N: np.ndarray, *,
-             num_steps: int, guidance_scale: float,
+             num_steps: int, guidance_scale: float, eta: float = 0.0,
              batch_size: int = 64) -> np.ndarray:
     """uint8 images [N, H, W, 3]; image i is a pure function of
     (parameters, context i, seed i)."""
     diffusion.check_sampler(num_steps, guidance_scale,
-                            self.schedule.num_train_timesteps)
+                            self.schedule.num_train_timesteps, eta)
     seeds_N = np.asarray(seeds_N, np.uint32)
     if len(seeds_N) != len(contexts_NxLxD):
       raise ValueError(f'{len(seeds_N)} seeds for {len(contexts_NxLxD)} '
@@ -422,7 +423,7 @@ class Generator:
       keys = jax.vmap(jax.random.key)(jnp.asarray(seeds))
       images = self._sample(self.unet_params, self.ae_params, keys,
                             jnp.asarray(contexts), int(num_steps),
-                            float(guidance_scale))
+                            float(guidance_scale), float(eta))
       out.append(np.asarray(images)[:n])
       logging.debug('sampled %d/%d', start + n, len(seeds_N))
     return np.concatenate(out)

@@ -237,7 +237,8 @@ class Loop:
     return (generator or self.generator).sample(
         self.contexts(prompts), seeds, num_steps=sampler.num_steps,
         guidance_scale=(sampler.guidance_scale if guidance_scale is None
-                        else guidance_scale))
+                        else guidance_scale),
+        eta=sampler.get('eta', 0.0))
 
 
 def _differences(recorded: Any, current: Any, prefix: str = '') -> list[str]:
@@ -341,7 +342,9 @@ def stage_quality(loop: Loop) -> dict[str, Any]:
 
 def generated_sampler_name(config) -> str:
   s = config.sampler
-  return f'ddim{s.num_steps}_cfg{s.guidance_scale:g}'
+  eta = s.get('eta', 0.0)
+  return f'ddim{s.num_steps}_cfg{s.guidance_scale:g}' + (
+      f'_eta{eta:g}' if eta else '')
 
 
 def stage_generated(loop: Loop) -> dict[str, Any]:
@@ -397,21 +400,34 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
 
 
 def recorded_config(workdir: str | pathlib.Path) -> ml_collections.ConfigDict:
-  """The config a workdir's loop ran with, from its first stage record (for
-  tools that read a finished loop, whatever `configs/loop.py` now says)."""
-  found = False
-  for name, _ in STAGES:
+  """The config a workdir's loop ran with, from its stage records (for tools
+  that read a finished loop, whatever `configs/loop.py` now says).
+
+  Stages keep records made under other settings of sections they do not read
+  (a generator rerun keeps the corpus record), so each section comes from the
+  newest record of a stage that reads it (`STAGE_SECTIONS`; the newest record
+  of any stage for a section none of them reads).
+  """
+  records = []
+  for order, (name, _) in enumerate(STAGES):
     path = pathlib.Path(workdir) / STAGES_DIR / f'{name}.json'
     if path.exists():
-      found = True
-      record = json.loads(path.read_text())
-      if 'config' in record:
-        return ml_collections.ConfigDict(record['config'])
-  if found:
+      records.append((path.stat().st_mtime, order, name,
+                      json.loads(path.read_text())))
+  if not records:
+    raise FileNotFoundError(f'No stage records in {workdir}/{STAGES_DIR}: '
+                            'run `python -m reverse_sd.loop` there first.')
+  records = sorted((r for r in records if 'config' in r[3]),
+                   key=lambda r: r[:2])
+  if not records:
     raise ValueError(f'The stage records in {workdir}/{STAGES_DIR} hold no '
                      'config (written before the loop recorded it).')
-  raise FileNotFoundError(f'No stage records in {workdir}/{STAGES_DIR}: run '
-                          '`python -m reverse_sd.loop` there first.')
+  config = dict(records[-1][3]['config'])
+  for _, _, name, record in records:  # Oldest first: newer ones override.
+    for section in STAGE_SECTIONS.get(name, tuple(record['config'])):
+      if section in record['config']:
+        config[section] = record['config'][section]
+  return ml_collections.ConfigDict(config)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
