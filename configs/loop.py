@@ -35,7 +35,7 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
 
   # Denoiser: the SD U-Net family at a small width, with cross-attention on
   # the prompt at 8 x 8 and 4 x 4 (shape 0.229 where 4 x 4 alone gives
-  # 0.183, for 10 % more time a step; docs/measurements.md).
+  # 0.183, for 3-6 % more time a step; docs/measurements.md).
   config.generator = ml_collections.ConfigDict(dict(
       block_out_channels=(32, 64, 128),
       down_block_types=('DownBlock2D', 'CrossAttnDownBlock2D',
