@@ -240,7 +240,8 @@ def test_diagnosis_tools_read_the_recorded_config(tiny_loop, tmp_path):
                                               '--timesteps=10,900']),
                         ('loop_guidance.py', ['--num_prompts=4',
                                               '--scales=1,3',
-                                              '--etas=0,1'])):
+                                              '--etas=0,1']),
+                        ('loop_shape.py', ['--num_prompts=4'])):
     output = tmp_path / script.replace('.py', '.json')
     subprocess.run([sys.executable, str(repo / 'benchmarks' / script),
                     f'--workdir={workdir}', f'--output={output}', *extra],
