@@ -65,13 +65,8 @@ def main() -> None:
   test = loop.split('corpus', 'test')
   n = min(args.num_prompts, len(test['prompts']))
   labels = referee_lib.labels_from_attributes(test['attributes'][:n])
-  ae_params, scaling = loop.autoencoder
-  model, _ = generator_lib.init_autoencoder(loop.config)
   images = {'rendered': test['images'][:n]}
-  images['autoencoded'] = generator_lib.decode_latents(
-      model, ae_params, generator_lib.encode_images(
-          model, ae_params, images['rendered'], scaling_factor=scaling),
-      scaling_factor=scaling)
+  images['autoencoded'] = loop.round_trip(images['rendered'])
   images['generated'] = loop.sample(
       test['prompts'][:n],
       generator_lib.example_seeds(loop.config.seed, 'test', np.arange(n)))

@@ -170,6 +170,16 @@ class Loop:
         self.workdir / 'autoencoder', self.split('corpus', 'train')['images'],
         self.config)
 
+  def round_trip(self, images_NxHxWx3: np.ndarray) -> np.ndarray:
+    """The autoencoder's reconstruction of uint8 images: the most a
+    generator in its latent space can draw."""
+    ae_params, _ = self.autoencoder
+    model, _ = generator_lib.init_autoencoder(self.config)
+    return generator_lib.decode_latents(
+        model, ae_params, generator_lib.encode_images(
+            model, ae_params, images_NxHxWx3, scaling_factor=1.0),
+        scaling_factor=1.0)
+
   @functools.cached_property
   def denoiser_params(self) -> Any:
     """The denoiser's EMA params; trains on first use."""
@@ -273,12 +283,7 @@ def stage_corpus(loop: Loop) -> dict[str, Any]:
 def stage_autoencoder(loop: Loop) -> dict[str, Any]:
   _, scaling = loop.autoencoder
   test = loop.split('corpus', 'test')['images'][:256]
-  model, _ = generator_lib.init_autoencoder(loop.config)
-  ae_params, _ = loop.autoencoder
-  latents = generator_lib.encode_images(model, ae_params, test,
-                                        scaling_factor=1.0)
-  recon = generator_lib.decode_latents(model, ae_params, latents,
-                                       scaling_factor=1.0)
+  recon = loop.round_trip(test)
   return {'scaling_factor': scaling,
           'test_l1_0_255': float(np.abs(recon.astype(np.float32) -
                                         test).mean())}
@@ -311,12 +316,7 @@ def stage_quality(loop: Loop) -> dict[str, Any]:
   labels = referee_lib.labels_from_attributes(test['attributes'])
   # The autoencoder's round trip of the rendered images: the most a
   # generator in its latent space can score.
-  ae_params, scaling = loop.autoencoder
-  model, _ = generator_lib.init_autoencoder(loop.config)
-  reconstructed = generator_lib.decode_latents(
-      model, ae_params, generator_lib.encode_images(
-          model, ae_params, test['images'], scaling_factor=scaling),
-      scaling_factor=scaling)
+  reconstructed = loop.round_trip(test['images'])
   out = {
       'generated_accuracy': referee_lib.accuracy(
           loop.referee.predict(images), labels),
