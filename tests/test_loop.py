@@ -247,3 +247,11 @@ def test_diagnosis_tools_read_the_recorded_config(tiny_loop, tmp_path):
                     f'--workdir={workdir}', f'--output={output}', *extra],
                    check=True, cwd=repo, capture_output=True, timeout=600)
     assert json.loads(output.read_text())['workdir'] == str(workdir)
+  # The shape breakdown pools to the referee's own shape accuracy, and its
+  # sizes weigh their examples (one object per tiny scene).
+  shape = json.loads((tmp_path / 'loop_shape.json').read_text())['results']
+  for kind in ('rendered', 'autoencoded', 'generated'):
+    assert shape[kind]['shape']['all'] == pytest.approx(
+        shape[kind]['accuracy']['shape'])
+    assert set(shape[kind]['shape']['by_size']) <= {'small', 'medium',
+                                                     'large'}
