@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 
+import jax
 import ml_collections
 import numpy as np
 import pytest
@@ -103,6 +104,7 @@ def test_a_generator_setting_keeps_the_stages_that_do_not_read_it(
     ('generator', 'noise_offset', -0.1, 'noise offset -0.1 must be'),
     ('generator', 'prediction', 'x0', "prediction 'x0'"),
     ('generator', 'prediction', 'epsilon', "needs prediction='v'"),
+    ('generator', 'object_weight', -1.0, 'object weight -1.0 must be'),
 ])
 def test_bad_loss_settings_fail_before_training(section, key, value, match):
   config = _tiny_config()
@@ -114,6 +116,66 @@ def test_bad_loss_settings_fail_before_training(section, key, value, match):
       generator.autoencoder_loss_fn(None, config)
     else:
       generator.denoiser_loss_fn(None, config, null)
+
+
+def test_object_weights_reweight_the_loss_not_the_metric(tmp_path):
+  config = _tiny_config()
+  config.unlock()
+  config.generator.object_weight = 0.0
+  model, params = generator.init_denoiser(config)
+  null = np.zeros((config.text.context_length, 384), np.float32)
+  rng = np.random.default_rng(0)
+  side, _, channels = generator.latent_shape(config)
+  batch = {'latents': rng.normal(size=(4, side, side, channels)),
+           'contexts': rng.normal(size=(4, config.text.context_length, 384))}
+  key = jax.random.key(0)
+  plain, plain_metrics = generator.denoiser_loss_fn(model, config, null)(
+      params, batch, key)
+  config.generator.object_weight = 2.0
+  weighted = generator.denoiser_loss_fn(model, config, null)
+  with pytest.raises(ValueError, match="needs the batch's 'weights'"):
+    weighted(params, batch, key)
+  # Weights are normalised per example: a constant map is the plain loss.
+  same, _ = weighted(params, {**batch, 'weights': np.full((4, side, side),
+                                                          3.0)}, key)
+  assert float(same) == pytest.approx(float(plain), rel=1e-5)
+  corner = np.ones((4, side, side))
+  corner[:, :2, :2] = 10.0
+  other, metrics = weighted(params, {**batch, 'weights': corner}, key)
+  assert float(other) != pytest.approx(float(plain), rel=1e-3)
+  assert float(metrics['mse']) == pytest.approx(float(plain_metrics['mse']))
+  with pytest.raises(ValueError, match='needs one object mask per training '
+                     'latent'):
+    generator.train_denoiser(tmp_path, batch['latents'], batch['contexts'],
+                             null, config)
+
+
+def test_denoiser_trains_on_the_renderers_object_masks(tiny_loop):
+  workdir, _ = tiny_loop
+  config = _tiny_config()
+  assert config.generator.object_weight > 0  # The default path.
+  loop = stages.Loop(config, workdir)
+  arrays = loop.denoiser_training_set()
+  images = loop.split('corpus', 'train')['images']
+  masks = arrays['object_masks_NxHxW']
+  assert masks.shape == images.shape[:3]
+  assert len(arrays['latents_NxhxwxC']) == len(arrays['contexts_NxLxD']) == (
+      len(images))
+  # Every scene has an object, a few percent of its pixels.
+  assert np.all((masks.mean(axis=(1, 2)) > 0.005) &
+                (masks.mean(axis=(1, 2)) < 0.5))
+
+
+def test_generator_seed_moves_only_the_denoisers_init_and_order():
+  config = _tiny_config()
+  assert generator.denoiser_seed(config) == config.seed  # Default: as before.
+  _, params = generator.init_denoiser(config)
+  config.unlock()
+  config.generator.seed = 1
+  assert generator.denoiser_seed(config) == config.seed + 1000
+  _, other = generator.init_denoiser(config)
+  assert not all(np.allclose(a, b) for a, b in zip(jax.tree.leaves(params),
+                                                  jax.tree.leaves(other)))
 
 
 def test_unknown_stage_is_refused(tiny_loop):

@@ -156,6 +156,32 @@ def test_offset_noise_shifts_each_example_and_channel_as_a_whole():
   assert float(jnp.std(plain)) == pytest.approx(1.0, abs=0.05)
 
 
+def test_object_weights_pool_dilate_and_scale_the_mask():
+  masks = np.zeros((2, 16, 16), np.float32)
+  masks[0, 4:8, 4:8] = 1.0  # Latent cell (1, 1) at 4 px a cell.
+  masks[0, 8:10, 8:12] = 1.0  # Half of cell (2, 2).
+  weights = diffusion.object_weights(masks, 4, 3.0)
+  assert weights.shape == (2, 4, 4) and weights.dtype == np.float32
+  np.testing.assert_array_equal(weights[1], 1.0)
+  expected = np.ones((4, 4), np.float32)
+  expected[0:3, 0:3] = 4.0  # Cell (1, 1) and its neighbours: cover 1.
+  expected[3, 1:4] = 2.5  # Next to cell (2, 2) only: cover 0.5.
+  expected[1:3, 3] = 2.5
+  np.testing.assert_array_equal(weights[0], expected)
+  np.testing.assert_array_equal(diffusion.object_weights(masks, 4, 0.0), 1.0)
+
+
+@pytest.mark.parametrize('shape,side,weight,match', [
+    ((1, 16, 16), 4, -1.0, 'must be finite and >= 0'),
+    ((1, 16, 16), 4, float('nan'), 'must be finite and >= 0'),
+    ((1, 16, 16), 5, 1.0, 'do not pool to 5 x 5'),
+    ((1, 16, 12), 4, 1.0, 'do not pool'),
+])
+def test_object_weights_refuse_bad_settings(shape, side, weight, match):
+  with pytest.raises(ValueError, match=match):
+    diffusion.object_weights(np.zeros(shape), side, weight)
+
+
 def test_ddim_step_by_hand():
   """One step with made-up numbers, computed on paper."""
   x_t, eps = jnp.array([0.5]), jnp.array([0.2])

@@ -144,14 +144,17 @@ def test_autoencoder_train_step_lowers(config, mesh, ae_params, platform):
 
 
 def _denoiser_step_module(model, config, mesh, unet_params, platform):
-  """The lowered train step of `model` on the denoiser's loss: latents and
-  float16 MiniLM contexts, split over the mesh."""
+  """The lowered train step of `model` on the denoiser's loss: latents,
+  float16 MiniLM contexts and (with an object weight) the per-position
+  loss weights, split over the mesh."""
   length = config.text.context_length
+  latent_shape = generator.latent_shape(config)
   batch = {
-      'latents': _batch_spec(generator.latent_shape(config), jnp.float32,
-                             mesh),
+      'latents': _batch_spec(latent_shape, jnp.float32, mesh),
       'contexts': _batch_spec((length, minilm.EMBEDDING_DIM), jnp.float16,
                               mesh)}
+  if config.generator.object_weight:
+    batch['weights'] = _batch_spec(latent_shape[:2], jnp.float32, mesh)
   loss_fn = generator.denoiser_loss_fn(model, config, _null_context(config))
   return _train_step_module(loss_fn, unet_params, batch, config.generator,
                             mesh, platform, ('mse',))

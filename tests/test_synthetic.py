@@ -147,6 +147,39 @@ def test_every_style_changes_the_image_but_keeps_the_object():
     assert reddish > 40, f'{style}: only {reddish} red pixels'
 
 
+@pytest.mark.parametrize('index', range(6))
+def test_object_mask_is_where_render_draws_the_object(index):
+  """The mask replays `render`'s random draws: on flat-design scenes the
+  pixels it covers fully have the object's colour, those it leaves free the
+  background's (whatever the shape, size, jitter and texture)."""
+  scene = dataclasses.replace(synthetic.example_scene(3, 'train', index, 1),
+                              style='flat design')
+  image = synthetic_render.render(scene, 64).astype(int)
+  mask = synthetic_render.object_mask(scene, 64)
+  assert mask.shape == (64, 64) and mask.dtype == np.float32
+  assert 0.0 <= mask.min() and mask.max() == 1.0
+  colour = np.array(synthetic_render.PALETTES['standard'][
+      scene.objects[0].colour])
+  is_object = np.abs(image - colour).sum(-1) <= 6
+  np.testing.assert_array_equal(is_object[mask == 1.0], True)
+  # The background may share the object's colour (a texture's second
+  # shade rarely does); away from the object, few pixels match.
+  assert is_object[mask == 0.0].mean() < 0.5 or scene.background_colour == (
+      scene.objects[0].colour)
+  assert np.mean(mask) == pytest.approx(np.mean(is_object), abs=0.02) or (
+      scene.background_colour == scene.objects[0].colour)
+
+
+def test_object_mask_ignores_the_style():
+  masks = [synthetic_render.object_mask(_one_object_scene(style), 64)
+           for style in grammar.STYLES if style != 'outline sketch']
+  for mask in masks[1:]:
+    np.testing.assert_array_equal(mask, masks[0])
+  outline = synthetic_render.object_mask(
+      _one_object_scene('outline sketch'), 64)
+  assert 0 < outline.sum() < masks[0].sum()  # Only the outline is drawn.
+
+
 def test_shifted_domain_changes_the_palette_and_style_mix():
   standard, shifted = (synthetic_render.PALETTES[d]
                        for d in ('standard', 'shifted'))

@@ -105,6 +105,16 @@ def make_config(*, seed: int = 0, image_size: int = 64,
   return _new_config(**settings)
 
 
+def example_scene(seed: int, split: str, index: int,
+                  max_objects: int = grammar.MAX_OBJECTS) -> grammar.Scene:
+  """The scene of example `index` of `split`: a pure function of the
+  arguments (`generate_example` renders it)."""
+  if split not in SPLITS:
+    raise ValueError(f'split must be one of {SPLITS}, got {split!r}')
+  rng = np.random.default_rng([seed, SPLITS.index(split), index])
+  return grammar.sample_scene(rng, SPLIT_DOMAIN[split], max_objects)
+
+
 def generate_example(seed: int, split: str, index: int,
                      image_size: int = 64,
                      max_objects: int = grammar.MAX_OBJECTS) -> dict[str, Any]:
@@ -114,10 +124,7 @@ def generate_example(seed: int, split: str, index: int,
   (image_size, image_size, 3) array and `attributes` a uint8 vector indexed
   by `synthetic_grammar.ATTRIBUTE_NAMES`.
   """
-  if split not in SPLITS:
-    raise ValueError(f'split must be one of {SPLITS}, got {split!r}')
-  rng = np.random.default_rng([seed, SPLITS.index(split), index])
-  scene = grammar.sample_scene(rng, SPLIT_DOMAIN[split], max_objects)
+  scene = example_scene(seed, split, index, max_objects)
   return {
       'id': f'{split}/{index:08d}',
       'image': synthetic_render.render(scene, image_size),

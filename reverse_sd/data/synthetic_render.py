@@ -152,12 +152,12 @@ def _texture_mask(texture: str, variant: int, side: int,
 
 
 def _background(scene: grammar.Scene, palette, side: int, scale: int,
-                rng: np.random.Generator) -> Image.Image:
+                variant: int) -> Image.Image:
   primary = np.asarray(palette[scene.background_colour], np.float32)
   contrast = (_GRADIENT_CONTRAST if scene.texture == 'gradient'
               else _TEXTURE_CONTRAST)
   secondary = _shade(primary, contrast)
-  mask = _texture_mask(scene.texture, int(rng.integers(4)), side, scale)
+  mask = _texture_mask(scene.texture, variant, side, scale)
   return Image.composite(
       Image.new('RGB', (side, side), tuple(int(round(c)) for c in secondary)),
       Image.new('RGB', (side, side), tuple(int(c) for c in primary)),
@@ -233,24 +233,49 @@ def _apply_style(image: Image.Image, style: str,
                    f'{grammar.STYLES}')
 
 
-def render(scene: grammar.Scene, image_size: int = 64) -> np.ndarray:
-  """Draws `scene` as a uint8 (image_size, image_size, 3) array."""
+def _check_size(image_size: int) -> None:
   if image_size < 16:
     raise ValueError(f'image_size must be at least 16 px, got {image_size}')
-  rng = np.random.default_rng(scene.render_seed)
-  palette = PALETTES[scene.domain]
-  scale = _SUPERSAMPLE
-  side = image_size * scale
-  canvas = _background(scene, palette, side, scale, rng)
+
+
+def _draw_objects(canvas: Image.Image, scene: grammar.Scene, palette,
+                  rng: np.random.Generator) -> None:
+  """Draws the objects on the supersampled `canvas`, larger ones first, so a
+  small one is never hidden behind a large one."""
+  side = canvas.width
   draw = ImageDraw.Draw(canvas)
   outline_only = scene.style == 'outline sketch'
-  line_width = max(scale, round(side / 36))
-  # Larger objects first, so a small one is never hidden behind a large one.
-  by_size = sorted(scene.objects, key=lambda o: -_RADIUS[o.size])
-  for obj in by_size:
+  line_width = max(_SUPERSAMPLE, round(side / 36))
+  for obj in sorted(scene.objects, key=lambda o: -_RADIUS[o.size]):
     _draw_object(draw, obj, palette, side, line_width, outline_only, rng)
-  image = canvas.reduce(scale)
+
+
+def render(scene: grammar.Scene, image_size: int = 64) -> np.ndarray:
+  """Draws `scene` as a uint8 (image_size, image_size, 3) array."""
+  _check_size(image_size)
+  rng = np.random.default_rng(scene.render_seed)
+  side = image_size * _SUPERSAMPLE
+  # The draws from `rng` come in this order (`object_mask` replays them).
+  variant = int(rng.integers(4))
+  canvas = _background(scene, PALETTES[scene.domain], side, _SUPERSAMPLE,
+                       variant)
+  _draw_objects(canvas, scene, PALETTES[scene.domain], rng)
+  image = canvas.reduce(_SUPERSAMPLE)
   return np.asarray(_apply_style(image, scene.style, rng))
+
+
+def object_mask(scene: grammar.Scene, image_size: int = 64) -> np.ndarray:
+  """The share of each pixel that `render` covers with an object, a float32
+  (image_size, image_size) array in [0, 1]: the renderer's own segmentation,
+  drawn before the style (a blur or grain does not move it)."""
+  _check_size(image_size)
+  rng = np.random.default_rng(scene.render_seed)
+  side = image_size * _SUPERSAMPLE
+  _ = int(rng.integers(4))  # `render`'s background variant.
+  canvas = Image.new('L', (side, side), 0)
+  _draw_objects(canvas, scene, {colour: 255 for colour in grammar.COLOURS},
+                rng)
+  return np.asarray(canvas.reduce(_SUPERSAMPLE), np.float32) / 255.0
 
 
 def encode_png(image: np.ndarray) -> bytes:

@@ -18,6 +18,8 @@ module holds what is not the network:
                       v = sqrt(ab_t) eps - sqrt(1 - ab_t) x_0.
   loss_weights        per-timestep weights of that loss ('uniform', or
                       Min-SNR-gamma, Hang et al. 2023).
+  object_weights      per-position weights of that loss: more where the
+                      object is.
   drop_context        conditioning dropout: a random share of the contexts
                       becomes the empty prompt's, so one network learns the
                       conditional and the unconditional model.
@@ -154,6 +156,33 @@ def training_target(x0_BxHxWxC, noise_BxHxWxC, timesteps_B, alphas_cumprod,
   ab = jnp.asarray(alphas_cumprod, jnp.float32)[timesteps_B]
   ab = ab.reshape(-1, *([1] * (x0_BxHxWxC.ndim - 1)))
   return jnp.sqrt(ab) * noise_BxHxWxC - jnp.sqrt(1.0 - ab) * x0_BxHxWxC
+
+
+def object_weights(masks_NxHxW: np.ndarray, latent_side: int,
+                   weight: float) -> np.ndarray:
+  """Per-position weights of the prediction loss, [N, h, w] float32: 1 +
+  `weight` x the object's cover of the latent cell or of a neighbour.
+
+  The object is a few percent of a scene's pixels, so under a uniform loss
+  the cells where two shapes differ are a small share of the gradient. The
+  cover (`masks_NxHxW`, in [0, 1] at image resolution, averaged over each
+  latent cell's pixels) is dilated by one cell, so the edge cells that the
+  autoencoder's receptive field ties to the object count as object too.
+  """
+  if not (np.isfinite(weight) and weight >= 0):
+    raise ValueError(f'object weight {weight} must be finite and >= 0')
+  n, height, width = masks_NxHxW.shape
+  if height != width or height % latent_side:
+    raise ValueError(f'{height} x {width} masks do not pool to '
+                     f'{latent_side} x {latent_side} latents')
+  k = height // latent_side
+  cover = np.asarray(masks_NxHxW, np.float32).reshape(
+      n, latent_side, k, latent_side, k).mean(axis=(2, 4))
+  padded = np.pad(cover, ((0, 0), (1, 1), (1, 1)))
+  dilated = np.max(np.stack([
+      padded[:, i:i + latent_side, j:j + latent_side]
+      for i in range(3) for j in range(3)]), axis=0)
+  return (1.0 + weight * dilated).astype(np.float32)
 
 
 def loss_weights(timesteps_B, alphas_cumprod, weighting: str,

@@ -13,7 +13,8 @@ Stable Diffusion's design at a size that trains on two CPU cores:
   denoiser      `models/diffusion_unet.DiffusionUNet`: the SD U-Net family
                 (the `sd_unet` encoder blocks + the up path), predicting v
                 (or the noise) on a zero-terminal-SNR schedule, trained
-                with conditioning dropout.
+                with conditioning dropout and a loss weighted where the
+                object is (the renderer's masks).
   sampler       DDIM (`reverse_sd.loop.diffusion`), steps and guidance
                 scale from the config.
 
@@ -257,10 +258,18 @@ def _index_stream(num_examples: int, batch_size: int, seed: int, gather):
   return make_batch
 
 
+def denoiser_seed(config: ml_collections.ConfigDict) -> int:
+  """The seed of the denoiser's init and batch order: the loop's, moved by
+  `config.generator.seed` (another run of the same setting, over the same
+  corpus, autoencoder and referee)."""
+  return config.seed + 1000 * config.generator.get('seed', 0)
+
+
 def init_denoiser(config) -> tuple[diffusion_unet.DiffusionUNet, Any]:
   model = diffusion_unet.DiffusionUNet(unet_config(config))
   params = model.init(
-      jax.random.key(config.seed + 1), jnp.zeros((1, *latent_shape(config))),
+      jax.random.key(denoiser_seed(config) + 1),
+      jnp.zeros((1, *latent_shape(config))),
       jnp.zeros((1,), jnp.int32),
       jnp.zeros((1, config.text.context_length, minilm.EMBEDDING_DIM))
   )['params']
@@ -272,13 +281,16 @@ def denoiser_loss_fn(model: diffusion_unet.DiffusionUNet,
                      null_context_LxD: np.ndarray | jax.Array,
                      trainable: str = '') -> trainer.LossFn:
   """The denoiser's loss (see `train_denoiser`) as (params, batch, rng) ->
-  (loss, metrics); batch: 'latents' [B, h, w, C] and 'contexts' [B, L, D].
+  (loss, metrics); batch: 'latents' [B, h, w, C], 'contexts' [B, L, D] and,
+  with `config.generator.object_weight` > 0, 'weights' [B, h, w]
+  (`diffusion.object_weights`).
 
   Epsilon or v prediction (`config.generator.prediction`) at uniform random
   timesteps, weighted per example by `diffusion.loss_weights`
-  (`config.generator.loss_weighting`), with
+  (`config.generator.loss_weighting`) and per position by the batch's
+  'weights' (normalised to mean 1 in each example), with
   conditioning dropout to `null_context_LxD`. `trainable='decoder'` stops
-  the gradient at `params['encoder']`.
+  the gradient at `params['encoder']`. The 'mse' metric is unweighted.
   """
   gen = config.generator
   schedule = noise_schedule(config)
@@ -286,6 +298,8 @@ def denoiser_loss_fn(model: diffusion_unet.DiffusionUNet,
   null = jnp.asarray(null_context_LxD, jnp.float32)
   diffusion.training_noise(jax.random.key(0), (1, 1, 1, 1),
                            gen.noise_offset)  # Fails here on a bad offset.
+  object_weight = gen.get('object_weight', 0.0)
+  diffusion.object_weights(np.zeros((1, 1, 1)), 1, object_weight)  # Checks.
 
   def loss_fn(params, batch, rng):
     if trainable == 'decoder':
@@ -302,20 +316,32 @@ def denoiser_loss_fn(model: diffusion_unet.DiffusionUNet,
                          diffusion.add_noise(x0, noise, t, alphas), t, context)
     target = diffusion.training_target(x0, noise, t, alphas,
                                        schedule.prediction)
-    mse_B = jnp.mean((output - target)**2, axis=(1, 2, 3))
+    squared = (output - target)**2
+    mse_B = jnp.mean(squared, axis=(1, 2, 3))
+    if object_weight:
+      if 'weights' not in batch:
+        raise ValueError(f'object_weight={object_weight} needs the batch\'s '
+                         "'weights' (diffusion.object_weights)")
+      where_BxHxW = batch['weights'] / jnp.mean(batch['weights'], axis=(1, 2),
+                                                keepdims=True)
+      loss_B = jnp.mean(where_BxHxW[..., None] * squared, axis=(1, 2, 3))
+    else:
+      loss_B = mse_B
     weights_B = diffusion.loss_weights(t, alphas, gen.loss_weighting,
                                        gen.min_snr_gamma, schedule.prediction)
-    return jnp.mean(weights_B * mse_B), {'mse': jnp.mean(mse_B)}
+    return jnp.mean(weights_B * loss_B), {'mse': jnp.mean(mse_B)}
   return loss_fn
 
 
 def train_denoiser(workdir: pathlib.Path, latents_NxhxwxC: np.ndarray,
                    contexts_NxLxD: np.ndarray, null_context_LxD: np.ndarray,
                    config: ml_collections.ConfigDict, *,
+                   object_masks_NxHxW: np.ndarray | None = None,
                    init_params: Any = None,
                    trainable: str = '') -> tuple[Any, Any]:
   """Trains the denoiser (epsilon or v prediction, conditioning dropout, the
-  per-timestep loss weights of `config.generator.loss_weighting`).
+  per-timestep loss weights of `config.generator.loss_weighting`, the
+  per-position ones of `config.generator.object_weight`).
 
   Args:
     workdir: the run's folder.
@@ -323,6 +349,9 @@ def train_denoiser(workdir: pathlib.Path, latents_NxhxwxC: np.ndarray,
     contexts_NxLxD: their prompts' contexts.
     null_context_LxD: the empty prompt's context.
     config: the loop config (`config.generator` for shape and schedule).
+    object_masks_NxHxW: the training images' object cover
+      (`synthetic_render.object_mask`); needed when
+      `config.generator.object_weight` > 0, unused otherwise.
     init_params: start from these (default: a fresh init).
     trainable: '' trains everything; 'decoder' keeps `params['encoder']`
       frozen (the reused encoder's decoder fine-tune).
@@ -336,15 +365,25 @@ def train_denoiser(workdir: pathlib.Path, latents_NxhxwxC: np.ndarray,
     trainer.check_fits(init_params, params, 'init_params')
     params = init_params
   loss_fn = denoiser_loss_fn(model, config, null_context_LxD, trainable)
+  arrays = {'latents': latents_NxhxwxC, 'contexts': contexts_NxLxD}
+  object_weight = gen.get('object_weight', 0.0)
+  if object_weight:
+    if object_masks_NxHxW is None or (len(object_masks_NxHxW) !=
+                                      len(latents_NxhxwxC)):
+      raise ValueError(
+          f'object_weight={object_weight} needs one object mask per '
+          f'training latent ({len(latents_NxhxwxC)}), got '
+          f'{None if object_masks_NxHxW is None else len(object_masks_NxHxW)}')
+    arrays['weights'] = diffusion.object_weights(
+        object_masks_NxHxW, latents_NxhxwxC.shape[1], object_weight)
   make_batch = _index_stream(len(latents_NxhxwxC), gen.batch_size,
-                             config.seed, lambda idx: {
-                                 'latents': latents_NxhxwxC[idx],
-                                 'contexts': contexts_NxLxD[idx]})
+                             denoiser_seed(config),
+                             lambda idx: {k: v[idx] for k, v in arrays.items()})
   section = gen if not trainable else config.reuse
   return trainer.train(workdir, name=f'denoiser{"/" + trainable if trainable else ""}',
                        init_params=params, loss_fn=loss_fn,
                        make_batch=make_batch, schedule=_schedule(section),
-                       seed=config.seed + 1)
+                       seed=denoiser_seed(config) + 1)
 
 
 # --- Sampling --------------------------------------------------------------------

@@ -83,12 +83,10 @@ def judge(loop) -> trained_run.TrainedRun:
 
 def _finetuned(loop, params: Any) -> Any:
   """The swapped generator after a short decoder-only fine-tune."""
-  latents = np.load(loop.workdir / 'contexts' / 'train_latents.npy')
-  train_split = loop.split('corpus', 'train')
-  contexts = loop.cached_contexts('corpus_train', train_split['prompts'])
   _, ema = generator_lib.train_denoiser(
-      loop.workdir / 'reuse_finetune', latents, contexts, loop.null_context,
-      loop.config, init_params=params, trainable='decoder')
+      loop.workdir / 'reuse_finetune', null_context_LxD=loop.null_context,
+      config=loop.config, init_params=params, trainable='decoder',
+      **loop.denoiser_training_set())
   return ema
 
 

@@ -39,6 +39,7 @@ import numpy as np
 
 from reverse_sd.data import generated as generated_data
 from reverse_sd.data import synthetic
+from reverse_sd.data import synthetic_render
 from reverse_sd.loop import generator as generator_lib
 from reverse_sd.loop import referee as referee_lib
 from reverse_sd.loop import report
@@ -132,7 +133,44 @@ class Loop:
         'images': np.stack([r['image'] for r in rows]),
         'prompts': [text(r['prompt']) for r in rows],
         'attributes': np.stack([r['attributes'] for r in rows]),
+        'ids': [text(r['id']) for r in rows],
     }
+
+  def object_masks(self, which: str, split: str) -> np.ndarray:
+    """The renderer's object cover of a split's images, [N, H, W] in
+    [0, 1] (`synthetic_render.object_mask` of each example's scene)."""
+    section = (self.config.corpus if which == 'corpus'
+               else self.config.generated)
+    masks = []
+    for example_id in self.split(which, split)['ids']:
+      name, index = example_id.split('/')
+      scene = synthetic.example_scene(section.seed, name, int(index),
+                                      section.max_objects)
+      masks.append(synthetic_render.object_mask(
+          scene, self.config.corpus.image_size))
+    return np.stack(masks)
+
+  def denoiser_training_set(self) -> dict[str, np.ndarray]:
+    """`train_denoiser`'s arrays: the corpus's training latents (cached
+    in `contexts/`), their prompts' contexts and, with an object weight,
+    their object masks."""
+    ae_params, scaling = self.autoencoder
+    model, _ = generator_lib.init_autoencoder(self.config)
+    train = self.split('corpus', 'train')
+    latents_path = self.workdir / 'contexts' / 'train_latents.npy'
+    if latents_path.exists():
+      latents = np.load(latents_path)
+    else:
+      latents = generator_lib.encode_images(model, ae_params, train['images'],
+                                            scaling_factor=scaling)
+      latents_path.parent.mkdir(parents=True, exist_ok=True)
+      np.save(latents_path, latents)
+    out = {'latents_NxhxwxC': latents,
+           'contexts_NxLxD': self.cached_contexts('corpus_train',
+                                                  train['prompts'])}
+    if self.config.generator.get('object_weight', 0.0):
+      out['object_masks_NxHxW'] = self.object_masks('corpus', 'train')
+    return out
 
   # --- Text ---------------------------------------------------------------------
 
@@ -183,21 +221,9 @@ class Loop:
   @functools.cached_property
   def denoiser_params(self) -> Any:
     """The denoiser's EMA params; trains on first use."""
-    ae_params, scaling = self.autoencoder
-    model, _ = generator_lib.init_autoencoder(self.config)
-    train = self.split('corpus', 'train')
-    latents_path = self.workdir / 'contexts' / 'train_latents.npy'
-    if latents_path.exists():
-      latents = np.load(latents_path)
-    else:
-      latents = generator_lib.encode_images(model, ae_params, train['images'],
-                                            scaling_factor=scaling)
-      latents_path.parent.mkdir(parents=True, exist_ok=True)
-      np.save(latents_path, latents)
-    contexts = self.cached_contexts('corpus_train', train['prompts'])
     _, ema = generator_lib.train_denoiser(
-        self.workdir / 'generator', latents, contexts, self.null_context,
-        self.config)
+        self.workdir / 'generator', null_context_LxD=self.null_context,
+        config=self.config, **self.denoiser_training_set())
     return ema
 
   @functools.cached_property
