@@ -164,7 +164,9 @@ class Loop:
       latents = generator_lib.encode_images(model, ae_params, train['images'],
                                             scaling_factor=scaling)
       latents_path.parent.mkdir(parents=True, exist_ok=True)
-      np.save(latents_path, latents)
+      tmp = latents_path.with_suffix('.tmp.npy')  # A kill leaves no half file.
+      np.save(tmp, latents)
+      tmp.replace(latents_path)
     out = {'latents_NxhxwxC': latents,
            'contexts_NxLxD': self.cached_contexts('corpus_train',
                                                   train['prompts'])}
