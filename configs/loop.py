@@ -61,16 +61,17 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
       # 1 + object_weight x the object's cover of the latent cell, from the
       # renderer's own masks); 0: uniform over positions. 5 gives the
       # object's cells half the loss: shape 0.282 -> 0.491, colour 0.881 ->
-      # 0.915 (docs/measurements.md).
+      # 0.915 at 4,800 steps of 32; 10 adds no shape (docs/measurements.md).
       object_weight=5.0,
       # Also condition every resnet on the prompt's sentence embedding (added
       # to the time embedding); off: cross-attention only, as SD 1.x/2.x.
       pooled_text_embedding=False,
-      # Batch 32 for 4,800 steps: as long as 2,400 steps of 64 and better
-      # (shape 0.229 -> 0.282, colour 0.785 -> 0.881); lr 1e-3 beats 5e-4
-      # and 2e-3 (docs/measurements.md).
-      steps=4_800, batch_size=32, lr=1e-3, ema_decay=0.995,
-      checkpoint_every=400, log_every=100,
+      # Updates, not examples, are what this denoiser is short of: 9,600
+      # steps of 16 beat 4,800 of 32 (shape 0.491 -> 0.545) for 5 more
+      # minutes, as 4,800 of 32 beat 2,400 of 64; lr 1e-3 beats 5e-4 and
+      # 2e-3 (docs/measurements.md).
+      steps=9_600, batch_size=16, lr=1e-3, ema_decay=0.995,
+      checkpoint_every=800, log_every=100,
       # Moves the denoiser's init and batch order (`generator.denoiser_seed`)
       # but not the corpus, autoencoder, referee or sampling noise: another
       # run of the same setting, for its run-to-run spread.
